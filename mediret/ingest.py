@@ -1,0 +1,287 @@
+"""Records -> decoded batches -> encoder -> store: streaming, resumable, with progress."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from .errors import StoreError
+from .records import DatasetScan, ImageRecord, Problem
+from .splits import group_split, random_split
+from .store import EncoderInfo, Store
+
+
+@dataclass
+class IngestReport:
+    """What one ingest did.
+
+    ``problems`` lists every input that was not stored, with why, plus the
+    duplicates (kind ``duplicate-content``) that were stored with a copied vector.
+    """
+
+    store: str
+    dataset: str
+    found: int
+    added: int = 0
+    already_stored: int = 0
+    duplicates: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    seconds: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def images_per_second(self) -> float:
+        return self.added / self.seconds if self.seconds else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "store": self.store, "dataset": self.dataset, "found": self.found,
+            "added": self.added, "already_stored": self.already_stored,
+            "duplicates": self.duplicates, "seconds": round(self.seconds, 2),
+            "images_per_second": round(self.images_per_second, 1),
+            "interrupted": self.interrupted,
+            "problems": [p.__dict__ for p in self.problems],
+        }
+
+
+@dataclass
+class _Prepared:
+    record: ImageRecord
+    tensor: object = None          # torch.Tensor (C, H, W) when decoded
+    content_hash: str | None = None
+    size: tuple[int, int] | None = None
+    problem: Problem | None = None
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def open_image(record: ImageRecord, data: bytes | None = None):
+    """The record's image as a PIL image (not yet decoded for files: preprocessing may draft)."""
+    from PIL import Image
+
+    if record.pixels is not None:
+        return Image.fromarray(record.pixels)
+    if data is None:
+        data = Path(record.source).read_bytes()
+    return Image.open(io.BytesIO(data))
+
+
+def _prepare(record: ImageRecord, preprocess: Callable, known_hashes: dict) -> _Prepared:
+    """Read, hash, decode and preprocess one record; failures become a Problem, never an exception."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if record.pixels is not None:
+            data = np.ascontiguousarray(record.pixels).tobytes()
+        else:
+            data = Path(record.source).read_bytes()
+    except OSError as exc:
+        return _Prepared(record, problem=Problem(record.source, f"cannot read: {exc}",
+                                                 "unreadable-image"))
+    if not data:
+        return _Prepared(record, problem=Problem(record.source, "empty file (0 bytes)",
+                                                 "unreadable-image"))
+    digest = content_hash(data)
+    if digest in known_hashes:
+        return _Prepared(record, content_hash=digest)
+    try:
+        image = open_image(record, None if record.pixels is not None else data)
+        size = image.size
+        tensor = preprocess(image)
+    except UnidentifiedImageError:
+        reason = "not an image PIL can read"
+    except Image.DecompressionBombError as exc:
+        reason = f"image too large: {exc}"
+    except (OSError, SyntaxError, ValueError) as exc:
+        reason = f"corrupt or truncated image: {exc}"
+    else:
+        return _Prepared(record, tensor=tensor, content_hash=digest, size=size)
+    return _Prepared(record, content_hash=digest, problem=Problem(record.source, reason,
+                                                                  "unreadable-image"))
+
+
+def prepared_stream(records: Iterable[ImageRecord], preprocess: Callable, workers: int,
+                    known_hashes: dict, prefetch: int) -> Iterator[_Prepared]:
+    """Decode records in ``workers`` threads, in order, holding at most ``prefetch`` in flight.
+
+    PIL decoding and the tensor ops of preprocessing release the GIL, so threads
+    overlap them with the encoder's forward pass; the bounded window keeps memory
+    flat however large the dataset.
+    """
+    if workers <= 0:
+        for record in records:
+            yield _prepare(record, preprocess, known_hashes)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mediret-decode") as pool:
+        window: deque = deque()
+        for record in records:
+            window.append(pool.submit(_prepare, record, preprocess, known_hashes))
+            if len(window) >= prefetch:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+
+def _batches(items: Iterator[_Prepared], size: int) -> Iterator[list[_Prepared]]:
+    batch: list[_Prepared] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def open_store_for(store_path: str | Path, encoder, scan: DatasetScan) -> Store:
+    """Open (or create) the store at ``store_path`` for ``encoder``, refusing a mismatch."""
+    info = EncoderInfo(name=encoder.spec.name, dim=encoder.dim,
+                       preprocess=encoder.preprocess.name, weights_source=encoder.weights_source)
+    if not Store.exists(store_path):
+        store = Store.create(store_path, info)
+        store.set_info("multilabel", "true" if scan.multilabel else "false")
+        store.set_info("format", scan.name)
+        return store
+    store = Store.open(store_path, read_only=False)
+    held = store.encoder
+    problems = []
+    if (held.name, held.dim) != (info.name, info.dim):
+        problems.append(f"it was built with encoder {held.name} (dim {held.dim}), "
+                        f"not {info.name} (dim {info.dim})")
+    elif held.preprocess != info.preprocess:
+        problems.append(f"its vectors use preprocessing '{held.preprocess}', "
+                        f"not '{info.preprocess}'")
+    if store.get_info("format") not in (None, scan.name):
+        problems.append(f"it holds a '{store.get_info('format')}' dataset, not '{scan.name}'")
+    if problems:
+        store.close()
+        raise StoreError(f"cannot ingest into {store_path}: {'; '.join(problems)}. "
+                         "Choose another --store, or match the store's settings "
+                         "(see `mediret info --store PATH`).")
+    return store
+
+
+def assign_splits(store: Store, seed: int, test_fraction: float) -> None:
+    """(Re)compute the random and group splits over every image in the store, plus 'given'."""
+    rows = store.sql(
+        "SELECT i.id, i.image_id, i.group_id, i.given_split, "
+        "  (SELECT min(l.label) FROM labels l WHERE l.id = i.id) "
+        "FROM images i ORDER BY i.id")
+    if not rows:
+        return
+    ids = np.array([r[0] for r in rows], dtype=np.int64)
+    image_ids = [r[1] for r in rows]
+    strata = [r[4] or "" for r in rows]
+    store.set_splits("random", ids, random_split(image_ids, strata, test_fraction, seed))
+    store.set_splits("group", ids, group_split(image_ids, strata, [r[2] for r in rows],
+                                               test_fraction, seed))
+    if all(r[3] is not None for r in rows):
+        store.set_splits("given", ids, [r[3] for r in rows])
+    store.set_info("split_seed", str(seed))
+    store.set_info("test_fraction", str(test_fraction))
+
+
+def ingest(scan: DatasetScan, store_path: str | Path, encoder, *, batch_size: int = 32,
+           workers: int = 2, seed: int = 0, test_fraction: float = 0.2,
+           commit_every: int = 1024, progress: bool = True, limit: int | None = None) -> IngestReport:
+    """Embed the records of ``scan`` with ``encoder`` and add them to the store.
+
+    Records whose ``image_id`` is already stored are skipped (resume, idempotence);
+    an image whose bytes equal a stored one gets a copy of its vector without a
+    forward pass. Work is committed every ``commit_every`` images, so an
+    interrupted ingest loses at most that much. ``limit`` ingests only the first
+    N new records (for trials).
+    """
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    report = IngestReport(store=str(store_path), dataset=scan.name, found=len(scan.records),
+                          problems=list(scan.problems))
+    store = open_store_for(store_path, encoder, scan)
+    try:
+        store.set_label_names(scan.label_names)
+        run = store.start_run(scan.root, scan.name, seed)
+        stored = store.image_ids()
+        todo, seen = [], set()
+        for record in scan.records:
+            if record.image_id in stored:
+                report.already_stored += 1
+            elif record.image_id in seen:
+                report.problems.append(Problem(record.source, f"image id '{record.image_id}' "
+                                               "appears twice in the dataset", "duplicate-id"))
+            else:
+                seen.add(record.image_id)
+                todo.append(record)
+        if limit is not None:
+            todo = todo[:limit]
+        known = store.hashes()
+        stream = prepared_stream(todo, encoder.preprocess, workers, dict(known),
+                                 prefetch=max(2 * batch_size, 4 * workers))
+        since_commit = 0
+        bar = tqdm(total=len(todo), unit="img", desc=f"ingest {scan.name}", disable=not progress,
+                   dynamic_ncols=True, smoothing=0.1)
+        try:
+            for batch in _batches(stream, batch_size):
+                added = _store_batch(store, encoder, batch, known, scan.name, run, report)
+                report.added += added
+                since_commit += added
+                bar.update(len(batch))
+                if since_commit >= commit_every:
+                    store.commit()
+                    since_commit = 0
+        except KeyboardInterrupt:
+            report.interrupted = True
+        finally:
+            bar.close()
+        store.commit()
+        if not report.interrupted:
+            assign_splits(store, seed, test_fraction)
+        store.finish_run(run, report.added, report.already_stored, report.problems)
+    finally:
+        store.close()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _store_batch(store: Store, encoder, batch: list[_Prepared], known: dict[str, tuple[int, str]],
+                 dataset: str, run: int, report: IngestReport) -> int:
+    """Embed the decodable images of a batch and add them; copy vectors for duplicates."""
+    import torch
+
+    fresh, copies = [], []
+    batch_hashes: set[str] = set()
+    for item in batch:
+        if item.problem is not None:
+            report.problems.append(item.problem)
+        elif item.content_hash in known or item.content_hash in batch_hashes:
+            copies.append(item)
+        else:
+            batch_hashes.add(item.content_hash)
+            fresh.append(item)
+    if fresh:
+        vectors = encoder.embed_batch(torch.stack([item.tensor for item in fresh]))
+        ids = store.add([i.record for i in fresh], vectors, [i.content_hash for i in fresh],
+                        [i.size for i in fresh], dataset=dataset, ingest_run=run)
+        known.update((item.content_hash, (int(i), item.record.image_id))
+                     for item, i in zip(fresh, ids))
+    if copies:
+        originals = [known[item.content_hash] for item in copies]
+        vectors = store.vectors([first_id for first_id, _ in originals])
+        store.add([i.record for i in copies], vectors, [i.content_hash for i in copies],
+                  dataset=dataset, ingest_run=run)
+        for item, (_, first) in zip(copies, originals):
+            report.problems.append(Problem(item.record.source,
+                                           f"same bytes as {first}: stored, vector copied",
+                                           "duplicate-content"))
+        report.duplicates += len(copies)
+    return len(fresh) + len(copies)
