@@ -1,0 +1,148 @@
+"""Store: FAISS and DuckDB stay consistent, ids round-trip, crashes are repaired on open."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from mediret.errors import StoreError
+from mediret.ingest import assign_splits
+from mediret.records import ImageRecord
+from mediret.splits import check_group_disjoint
+from mediret.store import DB_FILE, EncoderInfo, Store, _write_index_atomic
+
+from .conftest import HAM, read_csv, requires_data
+
+pytestmark = requires_data
+
+ENCODER = EncoderInfo(name="test-enc", dim=16, preprocess="imagenet", weights_source="random")
+
+
+@pytest.fixture(scope="module")
+def ham_rows():
+    return read_csv(HAM / "HAM10000_metadata.csv")[:600]
+
+
+def records_of(rows):
+    return [ImageRecord(image_id=r["image_id"], source=f"{r['image_id']}.jpg", labels=(r["dx"],),
+                        group=r["lesion_id"], meta={"sex": r["sex"], "age": r["age"]})
+            for r in rows]
+
+
+def unit_vectors(n, dim=16, seed=0):
+    x = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def filled_store(path, rows, vectors):
+    store = Store.create(path, ENCODER)
+    store.set_label_names(sorted({r["dx"] for r in rows}))
+    store.set_info("multilabel", "false")
+    store.add(records_of(rows), vectors)
+    store.commit()
+    assign_splits(store, seed=0, test_fraction=0.2)
+    return store
+
+
+def test_ids_round_trip_vectors_and_records(tmp_path, ham_rows):
+    vectors = unit_vectors(len(ham_rows))
+    with filled_store(tmp_path / "s", ham_rows, vectors):
+        pass
+    with Store.open(tmp_path / "s") as store:
+        assert store.index.ntotal == len(store) == len(ham_rows)
+        ids = store.ids()
+        np.testing.assert_array_equal(store.vectors(ids), vectors)
+        picked = [17, 3, 599]
+        got = store.records(picked)
+        assert [g.id for g in got] == picked
+        assert [g.image_id for g in got] == [ham_rows[i]["image_id"] for i in picked]
+        assert [g.labels for g in got] == [(ham_rows[i]["dx"],) for i in picked]
+        assert got[0].meta == {"sex": ham_rows[17]["sex"], "age": ham_rows[17]["age"]}
+        assert store.id_of(ham_rows[42]["image_id"]) == 42
+    # the index file alone is a plain FAISS index holding the same vectors under the same ids
+    plain = faiss.read_index(str(tmp_path / "s" / "test-enc.faiss"))
+    np.testing.assert_array_equal(plain.reconstruct(599), vectors[599])
+
+
+def test_labelled_matrix_matches_metadata(tmp_path, ham_rows):
+    with filled_store(tmp_path / "s", ham_rows, unit_vectors(len(ham_rows))) as store:
+        matrix = store.labelled_matrix("group")
+        names = matrix.label_names
+        assert [names[k] for k in matrix.y] == [r["dx"] for r in ham_rows]
+        assert list(matrix.groups) == [r["lesion_id"] for r in ham_rows]
+        assert check_group_disjoint(matrix.split, matrix.groups) == []
+        assert 0.15 < np.mean(matrix.split == "test") < 0.25
+        with pytest.raises(StoreError, match="split 'given' is not in"):
+            store.labelled_matrix("given")
+
+
+def test_random_split_is_stratified_and_seeded(tmp_path, ham_rows):
+    with filled_store(tmp_path / "s", ham_rows, unit_vectors(len(ham_rows))) as store:
+        first = store.labelled_matrix("random").split
+        for k in range(len(store.label_names())):
+            members = store.labelled_matrix("random").y == k
+            assert abs(np.mean(first[members] == "test") - 0.2) <= 0.5 / members.sum() + 1e-9
+        assign_splits(store, seed=0, test_fraction=0.2)
+        np.testing.assert_array_equal(store.labelled_matrix("random").split, first)
+        assign_splits(store, seed=1, test_fraction=0.2)
+        assert (store.labelled_matrix("random").split != first).any()
+
+
+def test_crash_between_index_write_and_db_commit_is_repaired(tmp_path, ham_rows):
+    vectors = unit_vectors(len(ham_rows))
+    store = filled_store(tmp_path / "s", ham_rows[:500], vectors[:500])
+    # a commit that dies after the index file was replaced but before DuckDB committed
+    store.add(records_of(ham_rows[500:]), vectors[500:])
+    _write_index_atomic(store.index, tmp_path / "s" / store.index_file)
+    store._pending_rows.clear()
+    store._pending_labels.clear()
+    store._con.close()
+    assert faiss.read_index(str(tmp_path / "s" / "test-enc.faiss")).ntotal == 600
+    with Store.open(tmp_path / "s", read_only=False) as reopened:
+        assert reopened.index.ntotal == len(reopened) == 500
+        np.testing.assert_array_equal(reopened.vectors(reopened.ids()), vectors[:500])
+    assert faiss.read_index(str(tmp_path / "s" / "test-enc.faiss")).ntotal == 500
+
+
+def test_index_missing_rows_vectors_is_an_error(tmp_path, ham_rows):
+    with filled_store(tmp_path / "s", ham_rows, unit_vectors(len(ham_rows))) as store:
+        index_file = tmp_path / "s" / store.index_file
+    _write_index_atomic(faiss.IndexIDMap2(faiss.IndexFlatIP(16)), index_file)
+    with pytest.raises(StoreError, match="600 image rows have no vector"):
+        Store.open(tmp_path / "s")
+
+
+def test_uncommitted_adds_are_not_durable(tmp_path, ham_rows):
+    vectors = unit_vectors(len(ham_rows))
+    store = filled_store(tmp_path / "s", ham_rows[:100], vectors[:100])
+    with pytest.raises(RuntimeError):
+        with store:
+            store.add(records_of(ham_rows[100:200]), vectors[100:200])
+            raise RuntimeError("crash inside the with block")
+    with Store.open(tmp_path / "s") as reopened:
+        assert len(reopened) == reopened.index.ntotal == 100
+
+
+def test_wrong_dimension_and_missing_store_fail_clearly(tmp_path, ham_rows):
+    with filled_store(tmp_path / "s", ham_rows[:10], unit_vectors(10)) as store:
+        with pytest.raises(StoreError, match="do not fit this store"):
+            store.add(records_of(ham_rows[10:12]), unit_vectors(2, dim=8))
+    with pytest.raises(StoreError, match="no store at"):
+        Store.open(tmp_path / "nothing-here")
+    with pytest.raises(StoreError, match="already holds a store"):
+        Store.create(tmp_path / "s", ENCODER)
+    assert (tmp_path / "s" / DB_FILE).is_file()
+
+
+def test_info_counts(tmp_path, ham_rows):
+    with filled_store(tmp_path / "s", ham_rows, unit_vectors(len(ham_rows))) as store:
+        info = store.info()
+    expected: dict[str, int] = {}
+    for r in ham_rows:
+        expected[r["dx"]] = expected.get(r["dx"], 0) + 1
+    assert info["labels"] == expected
+    assert info["images"] == info["vectors"] == 600
+    assert info["groups"] == len({r["lesion_id"] for r in ham_rows})
+    assert sum(info["splits"]["random"].values()) == 600
+    assert info["encoder"]["dim"] == 16
