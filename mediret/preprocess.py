@@ -1,0 +1,267 @@
+"""Named preprocessing presets: an image (PIL, file or uint8 array) -> normalised float32 CHW tensor.
+
+Every preset resizes the image's shorter side to ``resize_size`` (aspect ratio kept),
+centre-crops an ``input_size`` square and normalises. They differ in interpolation,
+in how much border the crop removes, and in the normalisation:
+
+==================  ===========  ===========================  ==================================
+preset              resample     resize -> crop               normalisation
+==================  ===========  ===========================  ==================================
+imagenet            bilinear     short side = size -> size    ImageNet mean/std on 0..1
+clip                bicubic      short side = size -> size    OpenAI CLIP mean/std on 0..1
+median-mad          bilinear     short side = size -> size    per image and channel:
+                                                              (x - median) / (1.4826 * MAD)
+caffe-bgr           bilinear     short side = size -> size    BGR, 0..255 minus Caffe mean
+efficientnet-lite   bicubic      short side = size/crop_pct   mean/std 0.5 on 0..1 (timm's
+                                 -> size                      ``tf_efficientnet_lite*`` config)
+==================  ===========  ===========================  ==================================
+
+"Resize to 224" (the paper's wording) is implemented as *shorter side to 224, then
+centre crop*: no image is distorted, square images (ODIR, PAD-UFES-20, MedMNIST)
+keep everything, non-square ones lose the margins of their long side (HAM10000's
+4:3 images: 1/8 of the width on each side). ``efficientnet-lite`` follows timm's
+crop_pct (0.875 at 224: resize to 256, crop 224). ``imagenet``, ``clip`` and
+``efficientnet-lite`` equal torchvision's, open_clip's and timm's evaluation
+transforms on PIL images (the tests check it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from mediret.errors import EncoderError
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Keras "caffe" mode: means of the B, G, R channels on the 0..255 scale.
+CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
+# timm's crop_pct for tf_efficientnet_lite0..4, keyed by their input size.
+EFFICIENTNET_LITE_CROP_PCT = {224: 0.875, 240: 0.882, 260: 0.89, 280: 0.904, 300: 0.92}
+# 1.4826 * MAD estimates the standard deviation of normally distributed data.
+MAD_TO_SIGMA = 1.4826
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """One preset at one input size; call it on a PIL image to get a float32 (3, size, size) tensor.
+
+    resize_size: the shorter side after resizing, before the centre crop.
+    scale: multiplies the 0..255 pixel values before ``mean``/``std`` apply
+        (1/255 for 0..1 presets, 1 for ``caffe-bgr``).
+    mean, std: per output channel, in output channel order; ignored when ``robust``.
+    robust: per-image, per-channel median/MAD normalisation instead of mean/std.
+    """
+
+    name: str
+    input_size: int
+    resize_size: int
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    scale: float = 1.0 / 255.0
+    channel_order: str = "RGB"
+    robust: bool = False
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """Preprocess a PIL image of any mode (RGBA, L, P, I;16, ...).
+
+        A JPEG opened but not yet decoded is decoded at a reduced scale (1/2, 1/4 or
+        1/8, via ``Image.draft``) when it is at least twice ``resize_size``: several
+        times faster, and within about one grey level of full decoding + resize.
+        """
+        import torch
+        from PIL import Image
+
+        if image.format == "JPEG":
+            image.draft("RGB", (self.resize_size, self.resize_size))  # no-op once decoded
+        image = to_rgb(image)
+        width, height = image.size
+        new_w, new_h = _shorter_side_size(width, height, self.resize_size)
+        if (new_w, new_h) != (width, height):
+            resample = Image.Resampling.BICUBIC if self.interpolation == "bicubic" else Image.Resampling.BILINEAR
+            # reducing_gap only changes anything for >= 6x reductions, where it saves most of the time.
+            image = image.resize((new_w, new_h), resample, reducing_gap=3.0)
+        top, left = _crop_origin(new_h, new_w, self.input_size)
+        image = image.crop((left, top, left + self.input_size, top + self.input_size))
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+        return self._normalise(pixels.unsqueeze(0))[0]
+
+    def load(self, path: str | Path) -> torch.Tensor:
+        """Open an image file and preprocess it (large JPEGs are draft-decoded, see ``__call__``)."""
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return self(image)
+
+    def from_array(self, array: np.ndarray) -> torch.Tensor:
+        """Preprocess one HxW or HxWxC array (uint8 as is; other dtypes min-max scaled to 0..255)."""
+        array = np.asarray(array)
+        if array.ndim not in (2, 3):
+            raise ValueError(f"expected an HxW or HxWxC image array, got shape {array.shape}")
+        return self.from_arrays(array[None])[0]
+
+    def from_arrays(self, arrays: np.ndarray) -> torch.Tensor:
+        """Preprocess a stack of same-sized images, NxHxW or NxHxWxC, into an NCHW batch.
+
+        The fast path for array datasets (MedMNIST's 28x28 greyscale): one batched
+        antialiased resize in torch, which matches PIL's to within one grey level.
+        """
+        import torch
+        import torch.nn.functional as F
+
+        arrays = np.asarray(arrays)
+        if arrays.ndim == 3:
+            arrays = arrays[..., None]
+        if arrays.ndim != 4 or arrays.shape[-1] not in (1, 2, 3, 4):
+            raise ValueError(f"expected NxHxW or NxHxWxC (C in 1..4) image arrays, got shape {arrays.shape}")
+        if arrays.dtype != np.uint8:
+            arrays = np.stack([_to_uint8(a) for a in arrays])
+        channels = arrays.shape[-1]
+        # Grey + alpha keeps grey; RGBA keeps RGB (alpha dropped as PIL's convert("RGB") does).
+        arrays = arrays[..., :1] if channels <= 2 else arrays[..., :3]
+        pixels = torch.from_numpy(np.ascontiguousarray(arrays)).permute(0, 3, 1, 2)
+        height, width = pixels.shape[-2:]
+        new_w, new_h = _shorter_side_size(width, height, self.resize_size)
+        if (new_w, new_h) != (width, height):
+            pixels = F.interpolate(
+                pixels.contiguous(), size=(new_h, new_w), mode=self.interpolation, antialias=True, align_corners=False
+            )
+        top, left = _crop_origin(new_h, new_w, self.input_size)
+        pixels = pixels[..., top : top + self.input_size, left : left + self.input_size]
+        if pixels.shape[1] == 1:
+            pixels = pixels.expand(-1, 3, -1, -1)
+        return self._normalise(pixels)
+
+    def _normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 N x 3(RGB) x H x W -> float32 in the preset's channel order and scale."""
+        import torch
+
+        if self.channel_order == "BGR":
+            pixels = pixels.flip(1)
+        x = pixels.to(torch.float32)
+        if self.robust:
+            return _median_mad(x)
+        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        # (x * scale - mean) / std as one in-place multiply and subtract.
+        return x.mul_(self.scale / std).sub_(mean / std)
+
+
+def _preset_imagenet(size: int) -> Preprocess:
+    return Preprocess("imagenet", size, size, "bilinear", IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _preset_clip(size: int) -> Preprocess:
+    return Preprocess("clip", size, size, "bicubic", CLIP_MEAN, CLIP_STD)
+
+
+def _preset_median_mad(size: int) -> Preprocess:
+    return Preprocess("median-mad", size, size, "bilinear", robust=True)
+
+
+def _preset_caffe_bgr(size: int) -> Preprocess:
+    return Preprocess("caffe-bgr", size, size, "bilinear", CAFFE_BGR_MEAN, (1.0, 1.0, 1.0), 1.0, "BGR")
+
+
+def _preset_efficientnet_lite(size: int) -> Preprocess:
+    crop_pct = EFFICIENTNET_LITE_CROP_PCT.get(size, 0.875)
+    # timm: scale_size = floor(img_size / crop_pct)
+    return Preprocess("efficientnet-lite", size, math.floor(size / crop_pct), "bicubic", (0.5,) * 3, (0.5,) * 3)
+
+
+_PRESETS = {
+    "caffe-bgr": _preset_caffe_bgr,
+    "clip": _preset_clip,
+    "efficientnet-lite": _preset_efficientnet_lite,
+    "imagenet": _preset_imagenet,
+    "median-mad": _preset_median_mad,
+}
+PRESETS: tuple[str, ...] = tuple(sorted(_PRESETS))
+
+
+def get_preset(name: str, input_size: int) -> Preprocess:
+    """The preset ``name`` producing ``input_size`` x ``input_size`` tensors."""
+    try:
+        make = _PRESETS[name]
+    except KeyError:
+        raise EncoderError(f"unknown preprocessing preset {name!r}; valid presets: {', '.join(PRESETS)}") from None
+    if input_size < 1:
+        raise EncoderError(f"input size must be positive, got {input_size}")
+    return make(input_size)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. Alpha is dropped; 16-bit and float images are min-max scaled to 0..255.
+
+    (PIL's own ``convert`` would clip a 16-bit image at 255, saturating nearly every pixel.)
+    """
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "F") or image.mode.startswith("I;"):
+        return Image.fromarray(_to_uint8(np.asarray(image))).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # avoids PIL's warning; alpha is then dropped
+    return image.convert("RGB")
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    """Linearly map an image's own min..max to 0..255 (a constant image becomes 0)."""
+    if array.dtype == np.uint8:
+        return array
+    values = array.astype(np.float64)
+    low, high = np.nanmin(values), np.nanmax(values)
+    if not high > low:
+        return np.zeros(array.shape, dtype=np.uint8)
+    return np.rint(np.nan_to_num((values - low) * (255.0 / (high - low)))).astype(np.uint8)
+
+
+def _shorter_side_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) with the shorter side == size; torchvision's Resize(int) rounding."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def _crop_origin(height: int, width: int, size: int) -> tuple[int, int]:
+    """(top, left) of a centred size x size crop; torchvision's CenterCrop rounding."""
+    if height < size or width < size:
+        raise ValueError(f"cannot crop {size}x{size} from a {width}x{height} image")
+    return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+
+
+def _median_rows(x: torch.Tensor) -> torch.Tensor:
+    """numpy-style median of each row (mean of the two middle values for even lengths)."""
+    ordered = x.sort(dim=1).values
+    n = ordered.shape[1]
+    return (ordered[:, (n - 1) // 2] + ordered[:, n // 2]) / 2
+
+
+def _median_mad(x: torch.Tensor) -> torch.Tensor:
+    """(x - median) / (1.4826 * MAD) per image and channel.
+
+    When MAD is 0 (over half of a channel's pixels share one value, e.g. a black
+    background) the standard deviation is used instead; a constant channel becomes 0.
+    """
+    import torch
+
+    n, c, h, w = x.shape
+    rows = x.reshape(n * c, h * w)
+    median = _median_rows(rows)
+    centred = rows - median[:, None]
+    sigma = MAD_TO_SIGMA * _median_rows(centred.abs())
+    sigma = torch.where(sigma > 0, sigma, rows.std(dim=1))
+    sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
+    return (centred / sigma[:, None]).reshape(n, c, h, w)

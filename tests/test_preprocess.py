@@ -1,0 +1,222 @@
+"""Preprocessing presets checked against torchvision / timm / open_clip transforms and numpy arithmetic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mediret.errors import EncoderError
+from mediret.preprocess import PRESETS, get_preset
+
+torch.set_num_threads(1)  # 2 cores shared: oversubscribed OpenMP threads slow down 10x
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+HAM_DIR = DATA / "ham10000" / "HAM10000_images_part_1"
+PAD_DIR = DATA / "pad-ufes-20" / "images"
+MEDMNIST = DATA / "medmnist" / "pneumoniamnist.npz"
+
+
+def _first(folder: Path, pattern: str, index: int = 0) -> Path:
+    files = sorted(folder.glob(pattern)) if folder.is_dir() else []
+    if len(files) <= index:
+        pytest.skip(f"real data not available under {folder}")
+    return files[index]
+
+
+@pytest.fixture(scope="module")
+def ham_image() -> Image.Image:
+    """A real 200x150 (4:3) HAM10000 JPEG."""
+    with Image.open(_first(HAM_DIR, "*.jpg")) as image:
+        return image.convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def medmnist_images() -> np.ndarray:
+    if not MEDMNIST.is_file():
+        pytest.skip(f"real data not available: {MEDMNIST}")
+    with np.load(MEDMNIST) as data:
+        return data["test_images"][:8]
+
+
+def _torchvision_reference(image, resize, size, interpolation, mean, std):
+    import torchvision.transforms as T
+
+    mode = T.InterpolationMode.BICUBIC if interpolation == "bicubic" else T.InterpolationMode.BILINEAR
+    return T.Compose([T.Resize(resize, mode), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])(image)
+
+
+def test_presets_are_sorted_and_unknown_name_lists_them():
+    assert list(PRESETS) == sorted(PRESETS)
+    assert {"imagenet", "clip", "median-mad", "caffe-bgr", "efficientnet-lite"} <= set(PRESETS)
+    with pytest.raises(EncoderError) as info:
+        get_preset("imagenett", 224)
+    for name in PRESETS:
+        assert name in str(info.value)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("size", [224, 260])
+def test_output_shape_and_dtype(ham_image, name, size):
+    out = get_preset(name, size)(ham_image)
+    assert out.shape == (3, size, size)
+    assert out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+
+
+def test_imagenet_matches_torchvision(ham_image):
+    ours = get_preset("imagenet", 224)(ham_image)
+    ref = _torchvision_reference(ham_image, 224, 224, "bilinear", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_clip_matches_open_clip(ham_image):
+    import open_clip
+
+    transform = open_clip.image_transform(
+        224,
+        is_train=False,
+        mean=open_clip.OPENAI_DATASET_MEAN,
+        std=open_clip.OPENAI_DATASET_STD,
+        interpolation="bicubic",
+        resize_mode="shortest",
+    )
+    assert torch.allclose(get_preset("clip", 224)(ham_image), transform(ham_image), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch, size", [("tf_efficientnet_lite0", 224), ("tf_efficientnet_lite2", 260)])
+def test_efficientnet_lite_matches_timm_pretrained_cfg(ham_image, arch, size):
+    import timm.data
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(arch).to_dict()
+    assert cfg["input_size"] == (3, size, size)
+    transform = timm.data.create_transform(
+        input_size=cfg["input_size"],
+        interpolation=cfg["interpolation"],
+        mean=cfg["mean"],
+        std=cfg["std"],
+        crop_pct=cfg["crop_pct"],
+        crop_mode=cfg["crop_mode"],
+    )
+    assert torch.allclose(get_preset("efficientnet-lite", size)(ham_image), transform(ham_image), atol=1e-5)
+
+
+def _resized_crop(image: Image.Image, size: int) -> np.ndarray:
+    """Shorter side -> size (bilinear), centre crop, as HxWx3 float64 0..255."""
+    w, h = image.size
+    new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    resized = image.resize(new, Image.Resampling.BILINEAR)
+    top, left = round((new[1] - size) / 2), round((new[0] - size) / 2)
+    return np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.float64)
+
+
+def test_caffe_bgr_is_bgr_0_255_minus_mean(ham_image):
+    rgb = _resized_crop(ham_image, 224)
+    expected = rgb[:, :, ::-1] - np.array([103.939, 116.779, 123.68])
+    ours = get_preset("caffe-bgr", 224)(ham_image).permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(ours, expected, atol=1e-3)
+    # channel 0 is blue: the red-dominant skin image has its largest mean in channel 2
+    assert ours[..., 2].mean() + 123.68 > ours[..., 0].mean() + 103.939
+
+
+def test_median_mad_matches_numpy(ham_image):
+    x = _resized_crop(ham_image, 224) / 255.0
+    median = np.median(x, axis=(0, 1))
+    mad = np.median(np.abs(x - median), axis=(0, 1))
+    assert (mad > 0).all()
+    expected = (x - median) / (1.4826 * mad)
+    ours = get_preset("median-mad", 224)(ham_image).permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(ours, expected, atol=1e-4)
+    # robust-normalised channels have median 0 and MAD 1/1.4826
+    np.testing.assert_allclose(np.median(ours, axis=(0, 1)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(np.median(np.abs(ours), axis=(0, 1)), 1 / 1.4826, atol=1e-4)
+
+
+def test_median_mad_guards_zero_mad():
+    rng = np.random.default_rng(0)
+    pixels = np.zeros((224, 224, 3), dtype=np.uint8)  # black background over 70 % of the image
+    pixels[:67] = rng.integers(1, 256, size=(67, 224, 3), dtype=np.uint8)
+    out = get_preset("median-mad", 224)(Image.fromarray(pixels))
+    assert torch.isfinite(out).all()
+    # MAD is 0 here, so the standard deviation scales instead: unit std per channel
+    np.testing.assert_allclose(out.reshape(3, -1).std(dim=1).numpy(), 1.0, atol=1e-3)
+    constant = get_preset("median-mad", 224)(Image.new("RGB", (50, 50), (7, 7, 7)))
+    assert torch.count_nonzero(constant) == 0
+
+
+def test_rgba_png_equals_its_rgb(ham_image):
+    path = _first(PAD_DIR, "*.png")
+    with Image.open(path) as image:
+        image.load()
+        assert image.mode in ("RGBA", "RGB")
+        preset = get_preset("imagenet", 224)
+        assert torch.equal(preset(image), preset(image.convert("RGB")))
+        assert torch.equal(preset.load(path), preset(image.convert("RGB")))
+
+
+def test_grayscale_and_palette_become_three_channels(ham_image):
+    preset = get_preset("imagenet", 224)
+    gray = preset(ham_image.convert("L"))
+    raw = gray * torch.tensor(preset.std).view(3, 1, 1) + torch.tensor(preset.mean).view(3, 1, 1)
+    assert torch.allclose(raw[0], raw[1], atol=1e-5) and torch.allclose(raw[1], raw[2], atol=1e-5)
+    palette = preset(ham_image.convert("P"))
+    assert palette.shape == (3, 224, 224)
+
+
+def test_16_bit_image_is_scaled_not_saturated(ham_image):
+    values = np.asarray(ham_image.convert("L"), dtype=np.uint16) * 40 + 1000  # 1000..11200, a 16-bit scan
+    image16 = Image.fromarray(values)
+    assert image16.mode.startswith("I")
+    preset = get_preset("imagenet", 224)
+    out = preset(image16)
+    # PIL's convert("RGB") would clip everything to 255: a constant image
+    assert out.std() > 0.5
+    # min-max scaling maps the 16-bit range onto 0..255 like the 8-bit original's own range
+    eight_bit = np.asarray(ham_image.convert("L"), dtype=np.float64)
+    rescaled = (eight_bit - eight_bit.min()) * 255 / (eight_bit.max() - eight_bit.min())
+    expected = preset(Image.fromarray(np.rint(rescaled).astype(np.uint8)))
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_medmnist_arrays_match_pil_path(medmnist_images, name):
+    preset = get_preset(name, 224)
+    batch = preset.from_arrays(medmnist_images)
+    assert batch.shape == (len(medmnist_images), 3, 224, 224) and batch.dtype == torch.float32
+    via_pil = torch.stack([preset(Image.fromarray(a)) for a in medmnist_images])
+    # torch's antialiased uint8 resize reproduces PIL's: bilinear exactly, bicubic to 2 grey levels
+    one_level = 1.0 / 255.0 / min(preset.std) if not preset.robust else 0.5
+    assert (batch - via_pil).abs().max() <= 2 * one_level + 1e-5
+    assert (batch - via_pil).abs().mean() < 0.05 * one_level
+    single = preset.from_array(medmnist_images[0])
+    assert torch.equal(single, batch[0])
+    assert torch.equal(preset.from_array(np.repeat(medmnist_images[0][..., None], 3, axis=2)), single)
+
+
+def test_from_array_rejects_bad_shapes():
+    with pytest.raises(ValueError):
+        get_preset("imagenet", 224).from_array(np.zeros((2, 3, 28, 28), dtype=np.uint8))
+
+
+def test_jpeg_draft_decoding_stays_close(ham_image, tmp_path):
+    big = tmp_path / "big.jpg"
+    ham_image.resize((1600, 1200), Image.Resampling.BICUBIC).save(big, quality=95)
+    preset = get_preset("imagenet", 224)
+    with Image.open(big) as image:
+        image.load()  # decoded in full: draft no longer applies
+        full = preset(image)
+    drafted = preset.load(big)
+    with Image.open(big) as image:
+        assert torch.equal(preset(image), drafted)  # an opened, undecoded JPEG is drafted too
+    with Image.open(big) as image:
+        image.draft("RGB", (224, 224))
+        assert image.size[0] < 1600  # the decoder really scaled down
+    assert drafted.shape == full.shape
+    assert (drafted - full).abs().mean() < 0.02  # in ImageNet-std units: ~1 grey level
+    small = _first(HAM_DIR, "*.jpg")
+    with Image.open(small) as image:
+        assert torch.equal(preset.load(small), preset(image))
