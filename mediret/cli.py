@@ -25,10 +25,11 @@ def store_option(func):
         help="Store directory (FAISS index + DuckDB database).")(func)
 
 
-def output_format_option(func):
+def output_format_option(func, flag: str = "--format"):
     """--format table|json, shared by every command that prints results."""
+    names = (flag, "-f") if flag == "--format" else (flag,)
     return click.option(
-        "--format", "-f", "output_format", type=click.Choice(["table", "json"]),
+        *names, "output_format", type=click.Choice(["table", "json"]),
         default="table", show_default=True, help="Print a table for people or JSON for programs.",
     )(func)
 
@@ -115,7 +116,7 @@ def cli():
               help="Ingest only the first N new images (a quick trial).")
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@output_format_option
+@functools.partial(output_format_option, flag="--output")
 @user_errors
 def ingest(dataset, store_path, encoder, weights, preprocess, dataset_format, batch_size, workers,
            threads, seed, test_fraction, commit_every, limit, device, quiet, output_format):
@@ -223,6 +224,367 @@ def encoders(output_format):
     else:
         print_table(rows)
 
+
+# ---- search and retrieval evaluation ----------------------------------------------------
+
+# Kept literal so that `mediret --help` imports no numpy; tests check them against search.py.
+INDEX_KINDS = ("exact", "hnsw", "ivf-pq")
+SPLIT_SCHEMES = ("random", "group", "given")
+SIMILARITY_TEXT = "cosine similarity on L2-normalised vectors (inner product)"
+
+
+def index_options(func):
+    """--index and --rebuild-index, shared by search and evaluate-retrieval."""
+    func = click.option("--rebuild-index", is_flag=True,
+                        help="Rebuild the approximate index even if a cached one fits the store.")(func)
+    return click.option(
+        "--index", "index_kind", type=click.Choice(INDEX_KINDS), default="exact", show_default=True,
+        help="exact: flat inner product over every vector. hnsw / ivf-pq: approximate, built from "
+             "the stored vectors on first use (recall against exact is reported) and cached in "
+             "the store directory.")(func)
+
+
+def _open_search_index(store, kind: str, rebuild: bool):
+    from .search import open_index
+
+    index = open_index(store, kind, rebuild=rebuild)
+    if index.build_seconds is not None:
+        recall = ", ".join(f"{k} {v:.3f}" for k, v in index.describe()["recall"].items())
+        params = ", ".join(f"{k}={v}" for k, v in index.params.items())
+        click.echo(f"built {kind} index in {index.build_seconds:.1f} s ({params}); {recall} "
+                   f"against exact search"
+                   + (f"; cached as {index.cache_file}" if index.cache_file else ""), err=True)
+    return index
+
+
+def _parse_ks(ctx, param, value: str) -> list[int]:
+    try:
+        ks = sorted({int(v) for v in value.split(",") if v.strip()})
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers like 1,5,10, got {value!r}")
+    if not ks or ks[0] < 1:
+        raise click.BadParameter(f"expected positive integers like 1,5,10, got {value!r}")
+    return ks
+
+
+@cli.command()
+@click.argument("image", required=False)
+@store_option
+@click.option("--id", "image_id", default=None,
+              help="Query with a stored image (its image_id, e.g. ISIC_0024306) instead of a file; "
+                   "the image itself is never returned.")
+@click.option("-k", "--top", "k", default=10, show_default=True, type=click.IntRange(1),
+              help="Number of hits.")
+@click.option("--label", "-l", "labels", multiple=True,
+              help="Only images with this label; repeat for any of several.")
+@click.option("--split", default=None, help="Only images of this split (train, test; MedMNIST: val).")
+@click.option("--split-scheme", type=click.Choice(SPLIT_SCHEMES), default=None,
+              help="Split scheme --split refers to [default: given when the dataset has one, "
+                   "else group].")
+@click.option("--where", default=None,
+              help="SQL condition over the images table, e.g. \"meta->>'sex' = 'male'\" "
+                   "(columns: id, image_id, source, dataset, group_id, given_split, width, "
+                   "height, meta).")
+@click.option("--group", "groups", multiple=True,
+              help="Only images of this group (patient/lesion id); repeatable.")
+@click.option("--exclude-group", is_flag=True,
+              help="Leave out every image of the query's group (patient/lesion).")
+@click.option("--group-of", default=None,
+              help="For an image-file query: the image_id whose group --exclude-group leaves out "
+                   "(default: the stored image with the same bytes, if any).")
+@index_options
+@click.option("--weights", "-w", default=None,
+              help="Weights file the store was built with, when not the encoder's default "
+                   "(default: the store's recorded weights file, if it exists).")
+@click.option("--device", default="cpu", show_default=True, help="torch device for the encoder.")
+@click.option("--sheet", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also draw the query and its hits as a PNG contact sheet.")
+@output_format_option
+@user_errors
+def search(image, store_path, image_id, k, labels, split, split_scheme, where, groups,
+           exclude_group, group_of, index_kind, rebuild_index, weights, device, sheet,
+           output_format):
+    """Find the stored images most similar to IMAGE (a file) or to a stored image (--id).
+
+    Similarity is the cosine of L2-normalised embeddings (inner product).
+    Filters are applied before ranking, so k hits come back whenever k images
+    pass them. IMAGE may also be a MedMNIST reference FILE.npz#SPLIT/INDEX.
+
+    \b
+    Example:
+      mediret search query.jpg -k 10 --store indexes/ham
+      mediret search query.jpg --label mel --split train --sheet hits.png
+      mediret search --id ISIC_0024306 -k 5 --exclude-group
+      mediret search --id ISIC_0024306 --where "meta->>'sex' = 'male'" --format json
+    """
+    from .search import Filters, query_from_file, query_from_id
+    from .search import search as run_search
+    from .store import Store
+
+    if (image is None) == (image_id is None):
+        raise click.UsageError("give either an IMAGE file or --id IMAGE_ID (one of them)")
+    if group_of and image_id:
+        raise click.UsageError("--group-of is for image-file queries; --id uses the stored group")
+    filters = Filters(labels=tuple(labels), split=split, split_scheme=split_scheme, where=where,
+                      groups=tuple(groups))
+    with Store.open(store_path) as store:
+        index = _open_search_index(store, index_kind, rebuild_index)
+        if image_id is not None:
+            query = query_from_id(store, image_id)
+        else:
+            query = query_from_file(store, image, weights=weights, group_of=group_of,
+                                    device=device)
+        result = run_search(store, query, k=k, filters=filters, exclude_group=exclude_group,
+                            index=index)
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    if sheet is not None:
+        from .sheet import contact_sheet
+
+        drawn = contact_sheet(result, sheet)
+        click.echo(f"contact sheet: {drawn.path} ({drawn.layout.n_tiles} tiles; frames: blue "
+                   "query, green same label, red other label, grey query label unknown)"
+                   + (f"; {len(drawn.missing)} images not found, drawn as placeholders"
+                      if drawn.missing else ""), err=True)
+    if output_format == "json":
+        print_json(result.to_dict())
+        return
+    _print_search_result(result)
+
+
+def _print_search_result(result) -> None:
+    query = result.query
+    described = query.source
+    if query.image is not None:
+        described += (f" (stored {query.image.image_id}, label {', '.join(query.image.labels) or '-'}"
+                      f", group {query.image.group_id or '-'})")
+    click.echo(f"query      {described}")
+    click.echo(f"searched   {result.candidates} images with {result.index_used} "
+               f"{'' if result.index_used == 'exact' else 'index '}ranking by {SIMILARITY_TEXT}"
+               + (f"; group {result.excluded_group} left out" if result.excluded_group else ""))
+    print_table([{"rank": h.rank, "id": h.image.image_id, "label": ", ".join(h.image.labels),
+                  "group": h.image.group_id, "score": h.score, "path": h.image.source}
+                 for h in result.hits], ["rank", "id", "label", "group", "score", "path"])
+
+
+RETRIEVAL_COLUMNS = ("precision", "map", "map_retrieved", "acc", "majority_vote",
+                     "precision_denner", "precision_denner_macro")
+
+
+@cli.command("evaluate-retrieval")
+@store_option
+@click.option("-k", "--ks", default="1,3,5,10", show_default=True, callback=_parse_ks,
+              help="Cut-offs k, comma-separated.")
+@click.option("--split", "scheme", type=click.Choice(SPLIT_SCHEMES), default=None,
+              help="Split scheme whose test images are the queries and train images the "
+                   "database [default: given when the dataset has one (MedMNIST), else group].")
+@click.option("--queries", "query_split", default="test", show_default=True,
+              help="Split whose images are the queries.")
+@click.option("--database", "database_splits", default="train", show_default=True,
+              help="Split(s) searched, comma-separated (e.g. train,val).")
+@click.option("--exclude-group", is_flag=True,
+              help="A query never retrieves images of its own group (patient/lesion).")
+@index_options
+@click.option("--ties", type=click.Choice(["first", "any"]), default="first", show_default=True,
+              help="Majority-vote ties: the highest-ranked tied label, or correct if any tied "
+                   "label is the query's (Mahbod et al.'s code).")
+@output_format_option
+@user_errors
+def evaluate_retrieval(store_path, ks, scheme, query_split, database_splits, exclude_group,
+                       index_kind, rebuild_index, ties, output_format):
+    """Measure retrieval: every test image queries the train images (Mahbod et al. 2024).
+
+    Reports, per k, overall and per class: precision@k, mAP@k (two
+    normalisations), ACC@k, majority vote@k (Mahbod et al.) and Denner et al.'s
+    micro/macro precision@k with denominator min(k, class size). Relevant =
+    same label (multi-label: at least one shared label). The definitions are
+    printed with the results.
+
+    \b
+    Example:
+      mediret evaluate-retrieval -k 1,5,10 --split group --store indexes/ham
+      mediret evaluate-retrieval --store indexes/pneumonia --format json
+      mediret evaluate-retrieval --split random --exclude-group --index hnsw
+    """
+    from .retrieval import evaluate_retrieval as run_evaluation
+    from .store import Store
+
+    with Store.open(store_path) as store:
+        index = _open_search_index(store, index_kind, rebuild_index)
+        evaluation = run_evaluation(
+            store, scheme=scheme, ks=ks, exclude_group=exclude_group, index=index,
+            query_split=query_split,
+            database_splits=[s.strip() for s in database_splits.split(",") if s.strip()],
+            ties=ties)
+    if output_format == "json":
+        print_json(evaluation.to_dict())
+        return
+    _print_retrieval(evaluation)
+
+
+def _print_retrieval(evaluation) -> None:
+    metrics = evaluation.metrics
+    index = evaluation.index
+    click.echo(f"store      {evaluation.store} (encoder {evaluation.encoder})")
+    click.echo(f"protocol   {evaluation.protocol}")
+    recall = ", ".join(f"{k} {v}" for k, v in index["recall"].items())
+    click.echo(f"index      {index['kind']}" + (f" ({recall} against exact)" if recall else ""))
+    if metrics.n_queries_without_relevant:
+        click.echo(f"note       {metrics.n_queries_without_relevant} queries have no relevant "
+                   "image in the database (they score 0 on map and precision_denner)")
+    click.echo("\noverall, in %")
+    print_table([{"k": m.k, "n_queries": m.n_queries,
+                  **{c: _percent(getattr(m, c)) for c in RETRIEVAL_COLUMNS}}
+                 for m in metrics.overall])
+    click.echo("\nper class, in %")
+    print_table([{"class": name, "k": m.k, "n_queries": m.n_queries,
+                  **{c: _percent(getattr(m, c)) for c in RETRIEVAL_COLUMNS[:-1]}}
+                 for name, entries in metrics.per_class.items() for m in entries])
+    click.echo("\ndefinitions")
+    click.echo(f"  similarity: {SIMILARITY_TEXT}")
+    for name, text in metrics.definitions.items():
+        click.echo(f"  {name}: {text}")
+
+
+def _percent(value) -> str | None:
+    return None if value is None else f"{100 * value:.2f}"
+
+
+# ---- classify -----------------------------------------------------------------------------------
+
+
+def _number_list(kind):
+    """click callback: '0.1,1,10' -> (0.1, 1.0, 10.0), with a usage error naming the option."""
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return tuple(kind(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated {kind.__name__} values, got "
+                                     f"'{value}'") from None
+    return parse
+
+
+@cli.command("classify")
+@store_option
+@click.option("--clf", "-c", "clfs", multiple=True, default=("lr",), show_default=True,
+              type=click.Choice(["lr", "svm", "linearsvc", "knn", "all"]),
+              help="Classifier(s); repeat or use 'all' (lr, svm, knn). svm = SVC over kernel "
+                   "linear and rbf (gamma scale, auto); linearsvc = LinearSVC over hinge and "
+                   "squared_hinge; each grid-searched over --C.")
+@click.option("--split", type=click.Choice(["random", "group", "given"]), default="random",
+              show_default=True, help="random: the paper's image-level 80/20; group: no "
+                                      "patient/lesion on both sides; given: the dataset's own.")
+@click.option("--cv", default=5, show_default=True, type=click.IntRange(2),
+              help="CV folds of the grid search (group-disjoint with --split group).")
+@click.option("--C", "c_grid", default="0.1,1,10,100", show_default=True,
+              callback=_number_list(float), help="C values searched by lr/svm/linearsvc.")
+@click.option("-k", "--neighbors", "k_grid", default="5,10,20", show_default=True,
+              callback=_number_list(int), help="k values searched by knn.")
+@click.option("--knn-weights", type=click.Choice(["uniform", "distance", "both"]), default="both",
+              show_default=True, help="kNN votes: one each, 1/(1 - cosine), or search both.")
+@click.option("--standardize/--no-standardize", default=False, show_default=True,
+              help="z-score features (fitted on training folds) before lr/svm/linearsvc; "
+                   "off as in the paper (the C grid suits the unit-length embeddings).")
+@click.option("--jobs", "-j", default=1, show_default=True, type=int,
+              help="Parallel fits of the grid search (-1: every core).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the CV folds and bootstrap.")
+@click.option("--bootstrap", "n_bootstrap", default=1000, show_default=True,
+              type=click.IntRange(0), help="Bootstrap resamples for the 95% CIs (0: none).")
+@click.option("--external", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Score every image of this other store (same encoder and labels) instead of "
+                   "the test split: external validation.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Write result.json, ROC PNGs and summary.md to this folder.")
+@click.option("--save/--no-save", default=True, show_default=True,
+              help="Keep the fitted classifiers in the store (for --predict).")
+@click.option("--model", "-m", "model_name", default=None,
+              help="Name to save under (default KIND-SPLIT), or, with --predict, the saved "
+                   "classifier to use (default the newest).")
+@click.option("--predict", "predict_paths", multiple=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Label these image files with a saved classifier instead of training.")
+@click.option("--weights", "-w", default=None,
+              help="With --predict: encoder weights file, when the store was built with one.")
+@click.option("--device", default="cpu", show_default=True, help="With --predict: torch device.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr.")
+@output_format_option
+@user_errors
+def classify_command(store_path, clfs, split, cv, c_grid, k_grid, knn_weights, standardize, jobs,
+                     seed, n_bootstrap, external, report_dir, save, model_name, predict_paths,
+                     weights, device, quiet, output_format):
+    """Train LR / SVM / kNN on a store's embeddings and report test metrics with 95% CIs.
+
+    The paper's protocol: grid search over C with 5-fold CV on the training
+    split, refit, one evaluation on the test split (or on --external). AUC uses
+    probabilities for lr/knn and the decision function for svm/linearsvc.
+
+    \b
+    Example:
+      mediret classify --clf lr --store indexes/ham
+      mediret classify --clf svm --split group
+      mediret classify --clf knn -k 15
+      mediret classify --clf all --report reports/ham
+      mediret classify --clf lr --external indexes/ham-site2
+      mediret classify --predict lesion.jpg --model lr-random
+    """
+    if predict_paths:
+        if external or report_dir:
+            raise click.UsageError("--predict labels images with a saved classifier; "
+                                   "it cannot be combined with --external or --report")
+        _classify_predict(store_path, predict_paths, model_name, weights, device, output_format)
+        return
+    from .classify import ClassifySettings, classify
+    from .report import confusion_rows, header_lines, paper_rows, per_class_rows, result_document
+    from .report import summary_rows, write_report
+
+    kinds = ["lr", "svm", "knn"] if "all" in clfs else list(clfs)
+    settings = ClassifySettings(
+        split=split, cv=cv, C=c_grid, k=k_grid, standardize=standardize, seed=seed,
+        knn_weights=("uniform", "distance") if knn_weights == "both" else (knn_weights,),
+        jobs=jobs, n_bootstrap=n_bootstrap)
+    progress = None if quiet else (lambda line: click.echo(line, err=True))
+    result = classify(store_path, kinds, settings, external=external, save=save,
+                      model_name=model_name, progress=progress)
+    written = write_report(result, report_dir) if report_dir else []
+    if output_format == "json":
+        print_json(result_document(result))
+    else:
+        for line in header_lines(result):
+            click.echo(line)
+        click.echo()
+        print_table(summary_rows(result))
+        if paper_rows(result):
+            click.echo()
+            print_table(paper_rows(result))
+        for model in result.models:
+            click.echo(f"\n{model.kind}: per class")
+            print_table(per_class_rows(model))
+            click.echo(f"\n{model.kind}: confusion matrix")
+            print_table(confusion_rows(model))
+        saved = [m.saved_as for m in result.models if m.saved_as]
+        if saved:
+            click.echo(f"\nsaved in the store as: {', '.join(saved)}")
+    for path in written:
+        click.echo(f"wrote {path}", err=True)
+
+
+def _classify_predict(store_path, paths, model_name, weights, device, output_format) -> None:
+    from .classify import predict_images
+
+    result = predict_images(store_path, paths, model_name=model_name, weights=weights,
+                            device=device)
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if output_format == "json":
+        print_json(result.to_dict())
+        return
+    column = "probability" if result.score_source == "predict_proba" else "decision value"
+    for image in result.images:
+        click.echo(f"{image.image}: {', '.join(image.predicted) or '(no label)'}  "
+                   f"(model {result.model}, {result.kind})")
+        print_table([{"class": name, column: score} for name, score in image.scores.items()])
 
 def main() -> None:
     cli(prog_name="mediret")

@@ -262,16 +262,16 @@ class Store:
         """Record the dataset's label vocabulary (merged with what is there, order kept)."""
         known = self.label_names()
         new = [n for n in names if n not in known]
-        self._con.executemany("INSERT INTO label_names VALUES (?, ?)",
-                              [(n, len(known) + i) for i, n in enumerate(new)])
+        _insert_columns(self._con, "label_names",
+                        [(n, len(known) + i) for i, n in enumerate(new)], ("TEXT", "INTEGER"))
 
     def set_splits(self, scheme: str, ids: np.ndarray, split: Sequence[str]) -> None:
         """Replace the split assignment of ``scheme`` for ``ids``."""
         con = self._con
         con.execute("BEGIN")
         con.execute("DELETE FROM splits WHERE scheme = ?", [scheme])
-        con.executemany("INSERT INTO splits VALUES (?, ?, ?)",
-                        [(int(i), scheme, s) for i, s in zip(ids, split)])
+        _insert_columns(con, "splits", [(int(i), scheme, str(s)) for i, s in zip(ids, split)],
+                        ("BIGINT", "TEXT", "TEXT"))
         con.execute("COMMIT")
 
     def start_run(self, root: str, fmt: str, seed: int) -> int:
@@ -284,8 +284,8 @@ class Store:
         con = self._con
         con.execute("BEGIN")
         if problems:
-            con.executemany("INSERT INTO problems VALUES (?, ?, ?, ?)",
-                            [(run, p.path, p.kind, p.reason) for p in problems])
+            _insert_columns(con, "problems", [(run, p.path, p.kind, p.reason) for p in problems],
+                            ("INTEGER", "TEXT", "TEXT", "TEXT"))
         con.execute("UPDATE ingest_runs SET finished_at = ?, added = ?, skipped = ?, problems = ? "
                     "WHERE run = ?", [_now(), added, skipped, len(problems), run])
         con.execute("COMMIT")

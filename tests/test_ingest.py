@@ -1,0 +1,200 @@
+"""Ingest on real data: counts, labels, consistency, resume after a kill, idempotence, bad input."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from mediret.cli import cli
+from mediret.datasets import read_dataset
+from mediret.errors import StoreError
+from mediret.ingest import ingest
+from mediret.splits import check_group_disjoint
+from mediret.store import Store
+
+from .conftest import MEDMNIST, ThumbnailEncoder, make_ham_subset, requires_data
+
+pytestmark = requires_data
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_real_encoder_store_matches_label_file_and_encoder(ham_store, ham_subset,
+                                                           efficientnet_lite0):
+    root, rows = ham_subset
+    with Store.open(ham_store) as store:
+        assert store.index.ntotal == len(store) == len(rows)
+        stored = {r.image_id: r for r in store.records(store.ids())}
+        assert {i: r.labels for i, r in stored.items()} == {r["image_id"]: (r["dx"],) for r in rows}
+        assert {i: r.group_id for i, r in stored.items()} == {
+            r["image_id"]: r["lesion_id"] for r in rows}
+        assert store.info()["labels"] == dict(Counter(r["dx"] for r in rows))
+        # vectors re-read from FAISS equal what the encoder produces for the same files
+        sample = [rows[i]["image_id"] for i in (0, 5, len(rows) - 1)]
+        ids = [store.id_of(image_id) for image_id in sample]
+        reread = store.vectors(ids)
+        sources = [r.source for r in store.records(ids)]
+        matrix = store.labelled_matrix("group")
+        assert check_group_disjoint(matrix.split, matrix.groups) == []
+    import torch
+
+    batch = torch.stack([efficientnet_lite0.preprocess(Image.open(s)) for s in sources])
+    direct = efficientnet_lite0.embed_batch(batch)
+    np.testing.assert_allclose(reread, direct, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(reread, axis=1), 1.0, atol=1e-5)
+
+
+def test_second_ingest_adds_nothing(tmp_path, ham_store, ham_subset, efficientnet_lite0):
+    copy = tmp_path / "store"
+    shutil.copytree(ham_store, copy)
+    before = faiss.read_index(str(copy / "efficientnet-lite0.faiss")).ntotal
+    report = ingest(read_dataset(ham_subset[0]), copy, efficientnet_lite0, progress=False)
+    assert report.added == 0 and report.already_stored == len(ham_subset[1]) == before
+    with Store.open(copy) as store:
+        assert len(store) == store.index.ntotal == before
+
+
+def test_other_encoder_is_refused(tmp_path, ham_store, ham_subset):
+    copy = tmp_path / "store"
+    shutil.copytree(ham_store, copy)
+    with pytest.raises(StoreError, match="built with encoder efficientnet-lite0"):
+        ingest(read_dataset(ham_subset[0]), copy, ThumbnailEncoder(), progress=False)
+
+
+@pytest.mark.slow
+def test_killed_ingest_resumes_to_the_same_store(tmp_path, ham_store, ham_subset,
+                                                 efficientnet_lite0):
+    store_path = tmp_path / "store"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mediret.cli", "ingest", str(ham_subset[0]), "--store",
+         str(store_path), "--commit-every", "16", "--batch-size", "8", "--quiet"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    index_file = store_path / "efficientnet-lite0.faiss"
+    deadline = time.time() + 240
+    stored_at_kill = 0
+    while time.time() < deadline and proc.poll() is None:
+        if index_file.is_file():
+            stored_at_kill = faiss.read_index(str(index_file)).ntotal
+            if stored_at_kill >= 16:
+                break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stderr.read().decode()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n = len(ham_subset[1])
+    assert 16 <= stored_at_kill < n
+    with Store.open(store_path) as partial:
+        assert 16 <= len(partial) == partial.index.ntotal < n
+    report = ingest(read_dataset(ham_subset[0]), store_path, efficientnet_lite0, progress=False)
+    assert report.already_stored + report.added == n
+    assert report.already_stored >= 16
+    with Store.open(store_path) as resumed, Store.open(ham_store) as whole:
+        assert len(resumed) == resumed.index.ntotal == n
+        order = sorted(whole.image_ids())
+        a = resumed.vectors([resumed.id_of(i) for i in order])
+        b = whole.vectors([whole.id_of(i) for i in order])
+        np.testing.assert_allclose(a, b, atol=1e-5)
+        assert resumed.labelled_matrix("group").split.tolist() == \
+            whole.labelled_matrix("group").split.tolist()
+
+
+@pytest.fixture
+def damaged_ham(tmp_path):
+    """A real HAM10000 subset with one instance of every kind of bad input."""
+    root = tmp_path / "ham"
+    rows = make_ham_subset(root, n_lesions=20, seed=3)
+    part = root / "HAM10000_images_part_1"
+    images = sorted(part.glob("*.jpg")) + sorted((root / "HAM10000_images_part_2").glob("*.jpg"))
+    zero, truncated, text, missing = images[:4]
+    zero.write_bytes(b"")
+    truncated.write_bytes(truncated.read_bytes()[:1500])
+    text.write_text("this is not an image\n")
+    missing.unlink()
+    shutil.copy(images[4], part / "ISIC_9999999.jpg")  # an image with no label row
+    return root, rows, {"zero": zero, "truncated": truncated, "text": text, "missing": missing,
+                        "unlabelled": part / "ISIC_9999999.jpg"}
+
+
+def test_bad_input_is_reported_with_paths_and_the_rest_ingested(tmp_path, damaged_ham):
+    root, rows, bad = damaged_ham
+    report = ingest(read_dataset(root), tmp_path / "store", ThumbnailEncoder(), progress=False)
+    by_path = {p.path: p for p in report.problems}
+    assert by_path[str(bad["zero"])].kind == "unreadable-image"
+    assert "0 bytes" in by_path[str(bad["zero"])].reason
+    assert by_path[str(bad["truncated"])].kind == "unreadable-image"
+    assert by_path[str(bad["text"])].kind == "unreadable-image"
+    assert str(bad["missing"]) in by_path or any(
+        bad["missing"].stem in p.path and p.kind == "missing-image" for p in report.problems)
+    assert any(p.kind == "missing-label" and bad["unlabelled"].name in p.path
+               for p in report.problems)
+    assert report.added == len(rows) - 4
+    with Store.open(tmp_path / "store") as store:
+        assert len(store) == store.index.ntotal == len(rows) - 4
+        recorded = store.sql("SELECT kind, count(*) FROM problems GROUP BY kind")
+        assert dict(recorded)["unreadable-image"] == 3
+        assert dict(recorded)["missing-label"] == 1
+        assert dict(recorded)["missing-image"] == 1
+
+
+def test_identical_bytes_are_stored_once_embedded(tmp_path):
+    root = tmp_path / "ham"
+    rows = make_ham_subset(root, n_lesions=10, seed=5)
+    first = next((root / "HAM10000_images_part_1").glob("*.jpg"), None) or next(
+        (root / "HAM10000_images_part_2").glob("*.jpg"))
+    shutil.copy(first, first.with_name("ISIC_9999998.jpg"))
+    with open(root / "HAM10000_metadata.csv", "a") as fh:
+        fh.write(f"HAM_9999998,ISIC_9999998,{rows[0]['dx']},histo,50.0,male,back\n")
+    encoder = ThumbnailEncoder()
+    report = ingest(read_dataset(root), tmp_path / "store", encoder, progress=False)
+    assert report.duplicates == 1 and report.added == len(rows) + 1
+    with Store.open(tmp_path / "store") as store:
+        a, b = store.vectors([store.id_of(first.stem), store.id_of("ISIC_9999998")])
+        np.testing.assert_array_equal(a, b)
+
+
+def test_medmnist_keeps_given_splits(tmp_path):
+    data = np.load(MEDMNIST)
+    small = {}
+    for split in ("train", "val", "test"):
+        small[f"{split}_images"] = data[f"{split}_images"][:20]
+        small[f"{split}_labels"] = data[f"{split}_labels"][:20]
+    npz = tmp_path / "pneumoniamnist.npz"
+    np.savez(npz, **small)
+    report = ingest(read_dataset(npz), tmp_path / "store", ThumbnailEncoder(), progress=False)
+    assert report.added == 60
+    with Store.open(tmp_path / "store") as store:
+        assert store.info()["splits"]["given"] == {"test": 20, "train": 20, "val": 20}
+        matrix = store.labelled_matrix("given")
+        expected = np.concatenate([small[f"{s}_labels"][:, 0] for s in ("train", "val", "test")])
+        names = matrix.label_names
+        got = [names[k] for k in matrix.y]
+        assert Counter(got) == Counter({0: "normal", 1: "pneumonia"}[v] for v in expected)
+
+
+def test_cli_ingest_and_info(tmp_path, monkeypatch, damaged_ham):
+    root, rows, bad = damaged_ham
+    monkeypatch.setattr("mediret.encoders.load_encoder", lambda *a, **k: ThumbnailEncoder())
+    runner = CliRunner()
+    result = runner.invoke(cli, ["ingest", str(root), "--store", str(tmp_path / "s"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert f"{len(rows) - 4} added" in result.output
+    assert str(bad["truncated"]) in result.output
+    result = runner.invoke(cli, ["info", "--store", str(tmp_path / "s"), "--problems"])
+    assert result.exit_code == 0, result.output
+    assert f"images     {len(rows) - 4}" in result.output
+    assert str(bad["zero"]) in result.output
+    result = runner.invoke(cli, ["info", "--store", str(tmp_path / "nope")])
+    assert result.exit_code == 1 and "no store at" in result.output
+    assert "Traceback" not in result.output
