@@ -198,3 +198,33 @@ def test_cli_ingest_and_info(tmp_path, monkeypatch, damaged_ham):
     result = runner.invoke(cli, ["info", "--store", str(tmp_path / "nope")])
     assert result.exit_code == 1 and "no store at" in result.output
     assert "Traceback" not in result.output
+
+
+def test_dicom_source_is_decoded(tmp_path):
+    """A DICOM mammogram (here a real HAM image's grey levels in 16 bits) reads as an image."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    from mediret.ingest import open_image
+    from mediret.records import ImageRecord
+
+    grey = np.asarray(Image.open(next(iter(sorted(
+        (MEDMNIST.parent.parent / "ham10000" / "HAM10000_images_part_1").glob("*.jpg"))))).convert("L"))
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(tmp_path / "a.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.Rows, ds.Columns = grey.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME1"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = (grey.astype(np.uint16) * 200).tobytes()
+    ds.save_as(tmp_path / "a.dcm", enforce_file_format=True)
+    image = open_image(ImageRecord("a", str(tmp_path / "a.dcm"), ("benign",)))
+    assert image.mode == "L" and image.size == (grey.shape[1], grey.shape[0])
+    expected = 255 - (grey - grey.min()) / (grey.max() - grey.min()) * 255  # MONOCHROME1 inverts
+    assert np.abs(np.asarray(image, dtype=np.float32) - expected).max() <= 1
+    (tmp_path / "b.dcm").write_bytes(b"DICM but not really")
+    with pytest.raises(OSError):
+        open_image(ImageRecord("b", str(tmp_path / "b.dcm"), ("benign",)))
