@@ -204,7 +204,7 @@ def info(store_path, problems, output_format):
     click.echo(f"on disk    {summary['size_bytes'] / 1e6:.1f} MB")
     click.echo("labels     " + ", ".join(f"{k} {v}" for k, v in summary["labels"].items()))
     for scheme, counts in summary["splits"].items():
-        click.echo(f"split {scheme:<5}" + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        click.echo(f"{'split ' + scheme:<11}" + ", ".join(f"{k} {v}" for k, v in counts.items()))
     if summary["problems"]:
         click.echo("problems   " + ", ".join(f"{k} {v}" for k, v in summary["problems"].items()))
     for run, kind, path, reason in listed:
@@ -235,8 +235,9 @@ SIMILARITY_TEXT = "cosine similarity on L2-normalised vectors (inner product)"
 
 def index_options(func):
     """--index and --rebuild-index, shared by search and evaluate-retrieval."""
-    func = click.option("--rebuild-index", is_flag=True,
-                        help="Rebuild the approximate index even if a cached one fits the store.")(func)
+    func = click.option(
+        "--rebuild-index", is_flag=True,
+        help="Rebuild the approximate index even if a cached one fits the store.")(func)
     return click.option(
         "--index", "index_kind", type=click.Choice(INDEX_KINDS), default="exact", show_default=True,
         help="exact: flat inner product over every vector. hnsw / ivf-pq: approximate, built from "
@@ -277,7 +278,8 @@ def _parse_ks(ctx, param, value: str) -> list[int]:
               help="Number of hits.")
 @click.option("--label", "-l", "labels", multiple=True,
               help="Only images with this label; repeat for any of several.")
-@click.option("--split", default=None, help="Only images of this split (train, test; MedMNIST: val).")
+@click.option("--split", default=None,
+              help="Only images of this split (train, test; MedMNIST also val).")
 @click.option("--split-scheme", type=click.Choice(SPLIT_SCHEMES), default=None,
               help="Split scheme --split refers to [default: given when the dataset has one, "
                    "else group].")
@@ -356,15 +358,21 @@ def _print_search_result(result) -> None:
     query = result.query
     described = query.source
     if query.image is not None:
-        described += (f" (stored {query.image.image_id}, label {', '.join(query.image.labels) or '-'}"
-                      f", group {query.image.group_id or '-'})")
+        labels = ", ".join(query.image.labels) or "-"
+        described += (f" (stored {query.image.image_id}, label {labels}, "
+                      f"group {query.image.group_id or '-'})")
     click.echo(f"query      {described}")
     click.echo(f"searched   {result.candidates} images with {result.index_used} "
                f"{'' if result.index_used == 'exact' else 'index '}ranking by {SIMILARITY_TEXT}"
-               + (f"; group {result.excluded_group} left out" if result.excluded_group else ""))
+               + (f"; left out: {_group_text(result.excluded_group)}" if result.excluded_group
+                  else ""))
     print_table([{"rank": h.rank, "id": h.image.image_id, "label": ", ".join(h.image.labels),
                   "group": h.image.group_id, "score": h.score, "path": h.image.source}
                  for h in result.hits], ["rank", "id", "label", "group", "score", "path"])
+
+
+def _group_text(excluded_group: str) -> str:
+    return excluded_group if excluded_group.startswith("image ") else f"group {excluded_group}"
 
 
 RETRIEVAL_COLUMNS = ("precision", "map", "map_retrieved", "acc", "majority_vote",
@@ -475,7 +483,8 @@ def _number_list(kind):
                    "squared_hinge; each grid-searched over --C.")
 @click.option("--split", type=click.Choice(["random", "group", "given"]), default="random",
               show_default=True, help="random: the paper's image-level 80/20; group: no "
-                                      "patient/lesion on both sides; given: the dataset's own.")
+                                      "patient/lesion on both sides; given: the dataset's own "
+                                      "(its test part is scored, the rest trains).")
 @click.option("--cv", default=5, show_default=True, type=click.IntRange(2),
               help="CV folds of the grid search (group-disjoint with --split group).")
 @click.option("--C", "c_grid", default="0.1,1,10,100", show_default=True,

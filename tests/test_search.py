@@ -1,0 +1,361 @@
+"""Search: FAISS against brute-force numpy, filters, group exclusion, indexes, sheet, CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from mediret import cli as cli_module
+from mediret import search as search_module
+from mediret.cli import cli
+from mediret.errors import SearchError
+from mediret.records import ImageRecord
+from mediret.search import Filters, open_index, query_from_file, query_from_id, search
+from mediret.sheet import (BACKGROUND, MATCH_COLOUR, MISMATCH_COLOUR, PLACEHOLDER_COLOUR,
+                           QUERY_COLOUR, contact_sheet)
+from mediret.sources import open_source
+from mediret.store import EncoderInfo, Store
+
+from .conftest import MEDMNIST, ham_image_path, requires_data
+from .vector_stores import ham_vector_store, one_faiss_thread  # noqa: F401 (autouse fixture)
+
+pytestmark = requires_data
+
+
+@pytest.fixture(scope="module")
+def vs(tmp_path_factory):
+    return ham_vector_store(tmp_path_factory.mktemp("search") / "ham")
+
+
+def brute_force(X, query, k, mask):
+    """Top-k ids (= row numbers) and scores among rows where ``mask`` holds, by numpy."""
+    scores = X @ query
+    candidates = np.flatnonzero(mask)
+    order = candidates[np.argsort(-scores[candidates], kind="stable")[:k]]
+    return order, scores[order]
+
+
+def assert_same_hits(result, ids, scores):
+    assert [h.image.id for h in result.hits] == ids.tolist()
+    np.testing.assert_allclose([h.score for h in result.hits], scores, atol=1e-5)
+
+
+def test_query_by_id_matches_brute_force_and_never_returns_itself(vs):
+    with Store.open(vs.path) as store:
+        for row in (0, 17, 1234):
+            query = query_from_id(store, vs.rows[row]["image_id"])
+            np.testing.assert_array_equal(query.vector, vs.X[row])
+            result = search(store, query, k=10)
+            mask = np.ones(len(vs.X), bool)
+            mask[row] = False
+            assert_same_hits(result, *brute_force(vs.X, vs.X[row], 10, mask))
+            assert row not in [h.image.id for h in result.hits]
+            assert [h.rank for h in result.hits] == list(range(1, 11))
+            hit = result.hits[0]
+            assert hit.image.image_id == vs.rows[hit.image.id]["image_id"]
+            assert hit.image.labels == vs.labels[hit.image.id]
+            assert hit.image.group_id == vs.groups[hit.image.id]
+
+
+def test_filters_apply_before_ranking(vs):
+    with Store.open(vs.path) as store:
+        matrix = store.labelled_matrix("random")
+        split = dict(zip(matrix.ids, matrix.split))
+        filters = Filters(labels=("mel", "bkl"), split="train", split_scheme="random",
+                          where="meta->>'sex' = 'male' AND CAST(meta->>'age' AS DOUBLE) >= 50")
+        mask = np.array([r["dx"] in ("mel", "bkl") and split[i] == "train" and r["sex"] == "male"
+                         and r["age"] != "" and float(r["age"]) >= 50
+                         for i, r in enumerate(vs.rows)])
+        for row in (3, 400):
+            result = search(store, query_from_id(store, vs.rows[row]["image_id"]), k=8,
+                            filters=filters)
+            mask_q = mask.copy()
+            mask_q[row] = False
+            assert result.candidates == mask_q.sum()
+            assert_same_hits(result, *brute_force(vs.X, vs.X[row], 8, mask_q))
+
+
+def test_a_rare_label_still_gives_k_hits(vs):
+    """Over-fetching k*c and dropping would come back short; a selector does not."""
+    rare = np.array([r["dx"] == "df" for r in vs.rows])
+    query_row = int(np.flatnonzero(np.array([r["dx"] == "nv" for r in vs.rows]))[0])
+    unfiltered, _ = brute_force(vs.X, vs.X[query_row], 100, np.ones(len(vs.X), bool))
+    assert rare[unfiltered].sum() < 5
+    with Store.open(vs.path) as store:
+        result = search(store, query_from_id(store, vs.rows[query_row]["image_id"]), k=5,
+                        filters=Filters(labels=("df",)))
+    assert_same_hits(result, *brute_force(vs.X, vs.X[query_row], 5, rare))
+
+
+def test_exclude_group_leaves_out_the_query_lesion(vs):
+    groups = np.array(vs.groups)
+    with Store.open(vs.path) as store:
+        checked = 0
+        for row in range(len(vs.rows)):
+            mates = np.flatnonzero(groups == groups[row])
+            if len(mates) < 3:
+                continue
+            query = query_from_id(store, vs.rows[row]["image_id"])
+            plain = search(store, query, k=5)
+            assert {h.image.group_id for h in plain.hits} & {groups[row]}  # mates rank high
+            result = search(store, query, k=5, exclude_group=True)
+            assert groups[row] not in {h.image.group_id for h in result.hits}
+            assert result.excluded_group == groups[row]
+            assert_same_hits(result, *brute_force(vs.X, vs.X[row], 5, groups != groups[row]))
+            checked += 1
+            if checked == 3:
+                break
+        assert checked == 3
+
+
+def test_group_filter_keeps_only_that_group(vs):
+    groups = np.array(vs.groups)
+    wanted = [g for g in sorted(set(vs.groups)) if (groups == g).sum() >= 2][:2]
+    with Store.open(vs.path) as store:
+        result = search(store, query_from_id(store, vs.rows[0]["image_id"]), k=10,
+                        filters=Filters(groups=tuple(wanted)))
+    mask = np.isin(groups, wanted)
+    mask[0] = False
+    assert {h.image.group_id for h in result.hits} <= set(wanted)
+    assert_same_hits(result, *brute_force(vs.X, vs.X[0], 10, mask))
+
+
+def test_bad_queries_and_filters_fail_clearly(vs):
+    with Store.open(vs.path) as store:
+        query = query_from_id(store, vs.rows[0]["image_id"])
+        with pytest.raises(SearchError, match="no image 'ISIC_9999999'"):
+            query_from_id(store, "ISIC_9999999")
+        with pytest.raises(SearchError, match="unknown label.*MEL.*the store has: akiec"):
+            search(store, query, filters=Filters(labels=("MEL",)))
+        with pytest.raises(SearchError,
+                           match="split 'validation' is not in scheme 'group'.*test, train"):
+            search(store, query, filters=Filters(split="validation", split_scheme="group"))
+        with pytest.raises(SearchError, match="--where.*Binder Error.*columns are id, image_id"):
+            search(store, query, filters=Filters(where="patient_sex = 'male'"))
+        with pytest.raises(SearchError, match="Parser Error"):
+            search(store, query, filters=Filters(where="1=1; DROP TABLE images"))
+        with pytest.raises(SearchError, match="no stored image passes the filters"):
+            search(store, query, filters=Filters(where="image_id = 'nothing'"))
+        with pytest.raises(SearchError, match="k must be at least 1"):
+            search(store, query, k=0)
+        assert len(store) == len(vs.rows)  # the DROP never ran
+
+
+def test_approximate_indexes_recall_and_cache(vs, tmp_path):
+    path = tmp_path / "store"
+    shutil.copytree(vs.path, path)
+    rng = np.random.default_rng(1)
+    query_rows = rng.choice(len(vs.X), 100, replace=False)
+    with Store.open(path) as store:
+        for kind, floor in (("hnsw", 0.97), ("ivf-pq", 0.9)):
+            index = open_index(store, kind)
+            assert index.build_seconds is not None
+            assert set(index.recall) == {1, 10, 50}
+            assert min(index.recall.values()) >= floor
+            # recall measured here, independently of the index's own report
+            found = []
+            for row in query_rows:
+                mask = np.ones(len(vs.X), bool)
+                mask[row] = False
+                truth, _ = brute_force(vs.X, vs.X[row], 10, mask)
+                result = search(store, query_from_id(store, vs.rows[row]["image_id"]), k=10,
+                                index=index)
+                assert result.index_used == kind
+                found.append(len(set(truth) & {h.image.id for h in result.hits}) / 10)
+            assert np.mean(found) >= floor
+            assert abs(np.mean(found) - index.recall[10]) < 0.05
+            cached = open_index(store, kind)
+            assert cached.build_seconds is None and cached.params == index.params
+            assert (path / f"seeded-test.{kind}.faiss").is_file()
+        params = open_index(store, "ivf-pq").params
+        assert 32 % params["m"] == 0 and 1 <= params["nprobe"] <= params["nlist"] <= len(vs.X) // 39
+        assert open_index(store, "hnsw").params["M"] == 32
+    with Store.open(path, read_only=False) as store:  # one more vector: caches are stale
+        store.add([ImageRecord("extra", "extra.jpg", ("nv",))], vs.X[:1])
+        store.commit()
+    with Store.open(path) as store:
+        rebuilt = open_index(store, "hnsw")
+        assert rebuilt.build_seconds is not None and rebuilt.index.ntotal == len(vs.X) + 1
+
+
+def test_restrictive_filter_on_hnsw_is_ranked_exactly(vs, tmp_path):
+    path = tmp_path / "store"
+    shutil.copytree(vs.path, path)
+    rare = np.array([r["dx"] == "vasc" for r in vs.rows])
+    with Store.open(path) as store:
+        index = open_index(store, "hnsw")
+        result = search(store, query_from_id(store, vs.rows[0]["image_id"]), k=5,
+                        filters=Filters(labels=("vasc",)), index=index)
+    assert result.index_used == "exact" and "ranked them exactly" in result.notes[0]
+    assert_same_hits(result, *brute_force(vs.X, vs.X[0], 5, rare))
+
+
+def test_ivf_pq_shape_fits_faiss_constraints():
+    for n, dim in ((8013, 1280), (5030, 512), (686, 2048), (120, 192), (50, 1000)):
+        nlist, m, nbits = search_module.ivf_pq_shape(n, dim)
+        assert dim % m == 0 and 1 <= nlist <= max(1, n // 39) and 1 <= nbits <= 8
+        assert 2 ** nbits * 10 <= max(n, 20)
+    assert search_module.ivf_pq_shape(8013, 1280) == (205, 80, 8)
+
+
+# ---- contact sheet ---------------------------------------------------------------------
+
+def tile_cells(image, columns, rows, tile=160, border=4, caption=34, gap=8):
+    """(frame pixel, image-centre pixel, image-area std) of each grid cell, measured on the PNG."""
+    pixels = np.asarray(image.convert("RGB"))
+    cells = []
+    for r in range(rows):
+        for c in range(columns):
+            left = gap + c * (tile + 2 * border + gap)
+            top = gap + r * (tile + 2 * border + caption + gap)
+            # lower half of the image area: below any placeholder text
+            inner = pixels[top + border + tile // 2: top + border + tile - 10,
+                           left + border + 10: left + border + tile - 10]
+            centre = tuple(inner[len(inner) // 2, len(inner) // 2])
+            cells.append((tuple(pixels[top + 1, left + 1]), centre, float(inner.std())))
+    return cells
+
+
+def test_contact_sheet_draws_query_and_hits(vs, tmp_path):
+    with Store.open(vs.path) as store:
+        query = query_from_id(store, vs.rows[5]["image_id"])
+        result = search(store, query, k=7)
+    gone = dataclasses.replace(result.hits[2].image, source=str(tmp_path / "gone.jpg"))
+    result.hits[2] = dataclasses.replace(result.hits[2], image=gone)
+    sheet = contact_sheet(result, tmp_path / "out" / "hits.png")
+    png = Image.open(tmp_path / "out" / "hits.png")
+    assert png.format == "PNG"
+    assert png.size == (6 * 176 + 8, 2 * 210 + 8)  # 8 tiles: 6 columns, 2 rows
+    cells = tile_cells(png, columns=6, rows=2)
+    frames = [frame for frame, _, _ in cells]
+    assert frames[0] == QUERY_COLOUR
+    expected = [MATCH_COLOUR if set(h.image.labels) & set(query.image.labels) else MISMATCH_COLOUR
+                for h in result.hits]
+    assert frames[1:8] == expected
+    assert frames[8:] == [BACKGROUND] * 4
+    assert sum(f != BACKGROUND for f in frames) == 8
+    # real dermoscopy images are textured; the missing file is a flat placeholder
+    assert all(std > 5 for i, (_, _, std) in enumerate(cells[:8]) if i != 3)
+    assert cells[3][1] == PLACEHOLDER_COLOUR and cells[3][2] == 0
+    assert sheet.missing == [str(tmp_path / "gone.jpg")]
+
+
+def test_medmnist_sources_open_from_the_npz():
+    arrays = np.load(MEDMNIST)
+    image = open_source(f"{MEDMNIST}#test/3")
+    np.testing.assert_array_equal(np.asarray(image), arrays["test_images"][3])
+    with pytest.raises(SearchError, match="index 9999 is out of range"):
+        open_source(f"{MEDMNIST}#test/9999")
+    with pytest.raises(SearchError, match="no 'dev_images' array"):
+        open_source(f"{MEDMNIST}#dev/0")
+
+
+# ---- real embeddings -------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_file_query_embeds_like_the_store(ham_store, efficientnet_lite0, tmp_path):
+    """A stored image's file, embedded again, comes back as itself with cosine 1."""
+    with Store.open(ham_store) as store:
+        stored = store.records(store.ids()[[4]])[0]
+        query = query_from_file(store, stored.source)
+        assert query.image.id == stored.id and query.group_id == stored.group_id
+        np.testing.assert_allclose(query.vector, store.vectors([stored.id])[0], atol=1e-4)
+        result = search(store, query, k=5)
+        assert result.hits[0].image.id == stored.id and result.hits[0].score > 0.9999
+        excluded = search(store, query, k=5, exclude_group=True)
+        assert stored.group_id not in {h.image.group_id for h in excluded.hits}
+        X = store.vectors(store.ids())
+        mask = np.array([r.group_id != stored.group_id for r in store.records(store.ids())])
+        ids, scores = brute_force(X, query.vector, 5, mask)
+        assert_same_hits(excluded, store.ids()[ids], scores)
+        # a file the store does not hold: its group is named with --group-of
+        outside = tmp_path / "outside.png"
+        Image.open(stored.source).convert("L").convert("RGB").save(outside)
+        query = query_from_file(store, str(outside), encoder=efficientnet_lite0)
+        assert query.image is None and query.group_of is None
+        assert "no group is excluded" in search(store, query, exclude_group=True).notes[0]
+        other = store.records(store.ids()[[9]])[0]
+        query = query_from_file(store, str(outside), group_of=other.image_id,
+                                encoder=efficientnet_lite0)
+        result = search(store, query, k=20, exclude_group=True)
+        assert result.excluded_group == other.group_id
+        assert other.group_id not in {h.image.group_id for h in result.hits}
+
+
+@pytest.mark.parametrize("weights_source, message", [
+    ("local file /gone/squeezenet.pth", "weights file /gone/squeezenet.pth, which is gone"),
+    ("random (untrained initialisation; for tests and benchmarks only)", "query it with --id"),
+])
+def test_file_query_needs_the_store_weights(tmp_path, vs, weights_source, message):
+    store = Store.create(tmp_path / "s", EncoderInfo("efficientnet-lite0", 1280,
+                                                     "efficientnet-lite", weights_source))
+    query = tmp_path / "q.png"
+    Image.open(ham_image_path(vs.rows[0]["image_id"])).save(query)
+    with pytest.raises(SearchError, match=message):
+        query_from_file(store, str(query))
+    store.close()
+
+
+# ---- command line ----------------------------------------------------------------------
+
+def test_cli_constants_match_the_library():
+    assert cli_module.INDEX_KINDS == search_module.INDEX_KINDS
+    assert cli_module.SPLIT_SCHEMES == search_module.SPLIT_SCHEMES
+    assert cli_module.SIMILARITY_TEXT == search_module.SIMILARITY
+
+
+def test_cli_search_table_json_and_sheet(vs, tmp_path):
+    runner = CliRunner()
+    image_id = vs.rows[0]["image_id"]
+    mask = np.ones(len(vs.X), bool)
+    mask[0] = False
+    ids, scores = brute_force(vs.X, vs.X[0], 4, mask)
+    result = runner.invoke(cli, ["search", "--id", image_id, "-k", "4", "--store", str(vs.path),
+                                "--sheet", str(tmp_path / "s.png")])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[2].split() == ["rank", "id", "label", "group", "score", "path"]
+    table = [line.split() for line in lines[4:]]
+    assert [row[1] for row in table] == [vs.rows[i]["image_id"] for i in ids]
+    assert [float(row[4]) for row in table] == pytest.approx(scores, abs=1e-4)
+    assert "cosine similarity on L2-normalised vectors" in lines[1]
+    assert Image.open(tmp_path / "s.png").size == (5 * 176 + 8, 218)
+    assert "contact sheet" in result.stderr
+
+    as_json = runner.invoke(cli, ["search", "--id", image_id, "-k", "4", "-s", str(vs.path),
+                                  "--label", "nv", "--where", "meta->>'sex' = 'female'",
+                                  "--exclude-group", "--format", "json"])
+    assert as_json.exit_code == 0, as_json.output
+    data = json.loads(as_json.stdout)
+    mask &= np.array([r["dx"] == "nv" and r["sex"] == "female" for r in vs.rows])
+    mask &= np.array(vs.groups) != vs.groups[0]
+    ids, scores = brute_force(vs.X, vs.X[0], 4, mask)
+    assert [h["id"] for h in data["hits"]] == ids.tolist()
+    assert [h["score"] for h in data["hits"]] == pytest.approx(scores, abs=1e-5)
+    assert data["query"]["image_id"] == image_id and data["excluded_group"] == vs.groups[0]
+    assert data["filters"]["labels"] == ["nv"]
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--id", "ISIC_9999999"], 1, "no image 'ISIC_9999999'"),
+    (["--id", "{id}", "--where", "sex = 'male'"], 1, "--where \"sex = 'male'\" failed"),
+    (["--id", "{id}", "--label", "melanoma"], 1, "unknown label(s) melanoma"),
+    (["--id", "{id}", "--split", "train", "--split-scheme", "given"], 1,
+     "split scheme 'given' is not in"),
+    (["missing.png"], 1, "query image missing.png not found"),
+    ([], 2, "give either an IMAGE file or --id"),
+    (["x.png", "--id", "{id}"], 2, "give either an IMAGE file or --id"),
+    (["--id", "{id}", "--index", "lsh"], 2, "'lsh' is not one of"),
+])
+def test_cli_search_errors(vs, args, code, message):
+    args = [a.replace("{id}", vs.rows[0]["image_id"]) for a in args]
+    result = CliRunner().invoke(cli, ["search", "--store", str(vs.path), *args])
+    assert result.exit_code == code
+    assert message in result.output
+    assert "Traceback" not in result.output
