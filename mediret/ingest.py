@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +14,7 @@ import numpy as np
 
 from .errors import StoreError
 from .records import DatasetScan, ImageRecord, Problem
+from .sources import decode_image
 from .splits import group_split, random_split
 from .store import EncoderInfo, Store
 
@@ -73,36 +73,7 @@ def open_image(record: ImageRecord, data: bytes | None = None):
         return Image.fromarray(record.pixels)
     if data is None:
         data = Path(record.source).read_bytes()
-    if record.source.lower().endswith(".dcm"):
-        return dicom_image(data)
-    return Image.open(io.BytesIO(data))
-
-
-def dicom_image(data: bytes):
-    """A DICOM file's pixels as an 8-bit grayscale PIL image (min-max scaled, MONOCHROME1 inverted).
-
-    CBIS-DDSM distributes its mammograms as DICOM; most users convert them, but
-    reading them directly saves a step.
-    """
-    from PIL import Image
-
-    try:
-        import pydicom
-        from pydicom.errors import InvalidDicomError
-    except ImportError as exc:  # pragma: no cover - pydicom is a dependency
-        raise OSError("reading DICOM needs pydicom (pip install pydicom)") from exc
-    try:
-        dataset = pydicom.dcmread(io.BytesIO(data))
-        pixels = dataset.pixel_array.astype(np.float32)
-    except (InvalidDicomError, AttributeError, KeyError) as exc:
-        raise OSError(f"not a readable DICOM image: {exc}") from exc
-    if pixels.ndim == 3 and pixels.shape[-1] not in (3, 4):
-        pixels = pixels[0]  # multi-frame: first frame
-    low, high = float(pixels.min()), float(pixels.max())
-    scaled = (pixels - low) / (high - low) * 255 if high > low else np.zeros_like(pixels)
-    if getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1":
-        scaled = 255 - scaled
-    return Image.fromarray(scaled.round().astype(np.uint8))
+    return decode_image(data, record.source)
 
 
 def _prepare(record: ImageRecord, preprocess: Callable, known_hashes: dict) -> _Prepared:

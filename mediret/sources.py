@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import io
 from pathlib import Path
+
+import numpy as np
 
 from .errors import SearchError
 
@@ -34,6 +37,8 @@ def open_source(source: str):
 
     path, split, index = split_source(source)
     if split is None:
+        if path.suffix.lower() == ".dcm":
+            return dicom_image(path.read_bytes())
         return Image.open(path)
     images = _npz_images(str(path), split)
     if not 0 <= index < len(images):
@@ -51,3 +56,39 @@ def _npz_images(path: str, split: str):
         if key not in arrays.files:
             raise SearchError(f"{path} has no '{key}' array; it has: {', '.join(arrays.files)}")
         return arrays[key]
+
+
+def decode_image(data: bytes, source: str):
+    """An image file's bytes as a PIL image, lazily decoded (DICOM decoded at once)."""
+    from PIL import Image
+
+    if source.lower().endswith(".dcm"):
+        return dicom_image(data)
+    return Image.open(io.BytesIO(data))
+
+
+def dicom_image(data: bytes):
+    """A DICOM file's pixels as an 8-bit grayscale PIL image (min-max scaled, MONOCHROME1 inverted).
+
+    CBIS-DDSM distributes its mammograms as DICOM; most users convert them, but
+    reading them directly saves a step.
+    """
+    from PIL import Image
+
+    try:
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+    except ImportError as exc:  # pragma: no cover - pydicom is a dependency
+        raise OSError("reading DICOM needs pydicom (pip install pydicom)") from exc
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data))
+        pixels = dataset.pixel_array.astype(np.float32)
+    except (InvalidDicomError, AttributeError, KeyError) as exc:
+        raise OSError(f"not a readable DICOM image: {exc}") from exc
+    if pixels.ndim == 3 and pixels.shape[-1] not in (3, 4):
+        pixels = pixels[0]  # multi-frame: first frame
+    low, high = float(pixels.min()), float(pixels.max())
+    scaled = (pixels - low) / (high - low) * 255 if high > low else np.zeros_like(pixels)
+    if getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1":
+        scaled = 255 - scaled
+    return Image.fromarray(scaled.round().astype(np.uint8))
