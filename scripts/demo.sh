@@ -21,8 +21,8 @@ step "Classify: the paper's LR grid search, patient-disjoint split" \
     mediret classify --clf lr --split group --store "$STORE"
 step "Classify: kNN over the FAISS index, same split" \
     mediret classify --clf knn --split group --store "$STORE"
-step "Search: images most similar to $QUERY" \
-    mediret search "$QUERY" -k 5 --store "$STORE" --sheet "$STORE/demo-sheet.png"
+step "Search: images most similar to $QUERY, other patients only" \
+    mediret search "$QUERY" -k 5 --exclude-group --store "$STORE" --sheet "$STORE/demo-sheet.png"
 step "Retrieval evaluation (test queries against the train database, group split)" \
     mediret evaluate-retrieval -k 1,5,10 --split group --store "$STORE"
 printf '\nContact sheet written to %s\n' "$STORE/demo-sheet.png"
