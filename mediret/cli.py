@@ -204,7 +204,7 @@ def info(store_path, problems, output_format):
     click.echo(f"on disk    {summary['size_bytes'] / 1e6:.1f} MB")
     click.echo("labels     " + ", ".join(f"{k} {v}" for k, v in summary["labels"].items()))
     for scheme, counts in summary["splits"].items():
-        click.echo(f"{'split ' + scheme:<11}" + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        click.echo(f"split      {scheme}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     if summary["problems"]:
         click.echo("problems   " + ", ".join(f"{k} {v}" for k, v in summary["problems"].items()))
     for run, kind, path, reason in listed:
