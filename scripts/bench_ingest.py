@@ -1,0 +1,279 @@
+#!/usr/bin/env python
+"""Benchmark part 2: `mediret ingest` end to end against a naive loop and the bare encoder forward.
+
+On the same real HAM10000 images (a seeded sample of the metadata rows, as a
+DatasetScan limited to them), in one run:
+
+- **ingest**: ``mediret.ingest.ingest`` with its defaults (batch 32, 2 decode
+  workers) into a fresh temporary store, with the default (optimized) encoder;
+- **naive**: for each image, PIL open, the encoder's transform, the plain eager
+  model (``optimize=False``) on that one image, ``add_with_ids`` of its vector to
+  a FAISS IndexIDMap2(IndexFlatIP), and one autocommitted DuckDB INSERT (the
+  index file is written once at the end);
+- **bare forward**: the optimized encoder's ``embed_batch`` over the same images
+  already decoded and preprocessed in memory, at ingest's batch size.
+
+Goals: ingest >= 3x the naive loop, >= 0.9x the bare forward. Then peak RSS of
+an ingest of 1,000 images against one of all 8,013, each in its own child process:
+within 1.2x. The peak is the child's ``VmHWM`` (its own address space's high-water
+mark since exec). ``ru_maxrss`` (``os.wait4``, RUSAGE_CHILDREN) is printed too but
+is not used: Linux carries the forking parent's RSS over into the child's
+ru_maxrss at exec, so it reads this script's own RSS (~2 GB with the decoded
+images held for the bare forward) for both sizes.
+
+    python scripts/bench_ingest.py --json reports/bench/ingest.json
+    python scripts/bench_ingest.py --quick
+    python scripts/bench_ingest.py --rss-sizes 1000,8013 --keep-store indexes/bench-ham10000-efficientnet-lite0
+
+``--keep-store`` keeps the largest RSS run's store (parts 3 and 4 use the full one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _bench  # noqa: E402
+
+NAIVE_GOAL = 3.0
+BARE_GOAL = 0.9
+RSS_GOAL = 1.2
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=1000, help="HAM10000 images of the speed comparison")
+    parser.add_argument("--naive-images", type=int, default=None,
+                        help="run the naive loop on only the first N of them (default: all)")
+    parser.add_argument("--encoder", default="efficientnet-lite0")
+    parser.add_argument("--weights", default=None, help="weights file (default: the encoder's own)")
+    parser.add_argument("--batch-size", type=int, default=32, help="ingest's default")
+    parser.add_argument("--workers", type=int, default=2, help="ingest's default")
+    parser.add_argument("--repeat", type=int, default=2, help="timed ingest and bare passes (fastest counts)")
+    parser.add_argument("--rss-sizes", default="1000,8013",
+                        help="image counts of the peak-RSS ingests (each in a child process); '' skips")
+    parser.add_argument("--keep-store", type=Path, default=None,
+                        help="keep the largest RSS ingest's store here (must not exist; e.g. indexes/bench-...)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="100 images, naive on 30, RSS at 100 and 300")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-store", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.images, args.naive_images, args.repeat = 100, 30, 1
+        if args.rss_sizes == "1000,8013":
+            args.rss_sizes = "100,300"
+    return args
+
+
+def load(args, optimize: bool = True):
+    from mediret.encoders import load_encoder
+
+    return load_encoder(args.encoder, weights=args.weights, optimize=optimize)
+
+
+# ---- the three contenders ------------------------------------------------------------------
+
+
+def run_ingest(scan, encoder, args) -> tuple[float, dict]:
+    from mediret.ingest import ingest
+
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        started = time.perf_counter()
+        report = ingest(scan, Path(tmp) / "store", encoder, batch_size=args.batch_size,
+                        workers=args.workers, progress=False)
+        seconds = time.perf_counter() - started
+    if report.added != len(scan.records):
+        raise SystemExit(f"ingest added {report.added} of {len(scan.records)} images: {report.problems[:3]}")
+    return seconds, {"added": report.added, "duplicates": report.duplicates, "problems": len(report.problems)}
+
+
+def run_bare(batch, encoder, batch_size: int) -> float:
+    started = time.perf_counter()
+    for i in range(0, len(batch), batch_size):
+        encoder.embed_batch(batch[i:i + batch_size])
+    return time.perf_counter() - started
+
+
+def run_naive(records, reference) -> float:
+    """One image at a time: open, transform, forward, index add, one autocommitted INSERT."""
+    import duckdb
+    import faiss
+    import numpy as np
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory(prefix="bench-naive-") as tmp:
+        started = time.perf_counter()
+        con = duckdb.connect(str(Path(tmp) / "naive.duckdb"))
+        con.execute("CREATE TABLE images (id BIGINT PRIMARY KEY, image_id TEXT, source TEXT, "
+                    "label TEXT, group_id TEXT, meta JSON)")
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(reference.dim))
+        for i, record in enumerate(records):
+            with Image.open(record.source) as image:
+                tensor = reference.preprocess(image.convert("RGB"))
+            vector = reference.embed_batch(tensor[None])
+            index.add_with_ids(vector, np.array([i], dtype=np.int64))
+            con.execute("INSERT INTO images VALUES (?, ?, ?, ?, ?, ?)",
+                        [i, record.image_id, record.source, record.labels[0], record.group,
+                         json.dumps(record.meta)])
+        faiss.write_index(index, str(Path(tmp) / "naive.faiss"))
+        con.close()
+        return time.perf_counter() - started
+
+
+def speed(args) -> tuple[list[dict], list[dict], dict]:
+    import torch
+
+    scan = _bench.ham_scan(args.images, seed=args.seed)
+    records = scan.records
+    encoder = load(args)
+    reference = load(args, optimize=False)
+    print(f"{len(records)} HAM10000 images; encoder {encoder.name} ({encoder.preprocess.name}); "
+          f"batch {args.batch_size}, {args.workers} decode workers, torch threads {torch.get_num_threads()}\n",
+          flush=True)
+    started = time.perf_counter()  # not a contender: the bare forward's input, and the decode cost alone
+    batch = torch.stack([encoder.preprocess.load(r.source) for r in records])
+    decode_seconds = time.perf_counter() - started
+    print(f"  decode + preprocess alone (1 thread, no forward): {decode_seconds:.2f} s", flush=True)
+    encoder.embed_batch(batch[: args.batch_size])  # warm-up
+    reference.embed_batch(batch[:1])
+    times: dict[str, list[float]] = {"bare": [], "ingest": []}
+    detail = {}
+    for _ in range(args.repeat):
+        times["bare"].append(run_bare(batch, encoder, args.batch_size))
+        print(f"  bare forward: {times['bare'][-1]:.2f} s", flush=True)
+        seconds, detail = run_ingest(scan, encoder, args)
+        times["ingest"].append(seconds)
+        print(f"  mediret ingest: {seconds:.2f} s", flush=True)
+    # Not a contender: how much of the naive loop is its one-image eager forward.
+    eager_one = run_bare(batch, reference, 1)
+    print(f"  eager model, batch 1, tensors in memory: {eager_one:.2f} s", flush=True)
+    del batch
+    naive_records = records[: args.naive_images] if args.naive_images else records
+    naive_seconds = run_naive(naive_records, reference)
+    print(f"  naive loop: {naive_seconds:.2f} s for {len(naive_records)} images", flush=True)
+    n = len(records)
+    ingest_ips = n / _bench.best(times["ingest"])
+    bare_ips = n / _bench.best(times["bare"])
+    naive_ips = len(naive_records) / naive_seconds
+    rows = [
+        {"contender": "mediret ingest (optimized encoder, batch %d, %d workers)" % (args.batch_size, args.workers),
+         "images": n, "seconds": _bench.best(times["ingest"]), "img/s": ingest_ips, "ingest / this": 1.0},
+        {"contender": "bare forward (optimized, preprocessed tensors in memory, batch %d)" % args.batch_size,
+         "images": n, "seconds": _bench.best(times["bare"]), "img/s": bare_ips, "ingest / this": ingest_ips / bare_ips},
+        {"contender": "naive loop (eager model, one image at a time, INSERT per image)",
+         "images": len(naive_records), "seconds": naive_seconds, "img/s": naive_ips,
+         "ingest / this": ingest_ips / naive_ips},
+        {"contender": "(for reference) eager model, batch 1, preprocessed tensors in memory",
+         "images": n, "seconds": eager_one, "img/s": n / eager_one, "ingest / this": ingest_ips * eager_one / n},
+        {"contender": "(for reference) decode + preprocess only, 1 thread, no forward",
+         "images": n, "seconds": decode_seconds, "img/s": n / decode_seconds, "ingest / this": None},
+    ]
+    goals = [_bench.goal_line("ingest vs naive loop", ingest_ips / naive_ips, NAIVE_GOAL),
+             _bench.goal_line("ingest vs bare forward", ingest_ips / bare_ips, BARE_GOAL)]
+    raw = {"ingest_s": times["ingest"], "bare_s": times["bare"], "naive_s": naive_seconds,
+           "decode_preprocess_s": decode_seconds, "eager_batch1_s": eager_one, "ingest_report": detail}
+    return rows, goals, raw
+
+
+# ---- peak RSS ------------------------------------------------------------------------------
+
+
+def child(args) -> int:
+    """Ingest ``args.child`` images into ``args.child_store`` and print one JSON line."""
+    from mediret.ingest import ingest
+
+    scan = _bench.ham_scan(args.child, seed=args.seed)
+    encoder = load(args)
+    loaded_rss = _bench.rss_mib_now()
+    loaded_peak = _bench.peak_rss_mib()
+    started = time.perf_counter()
+    report = ingest(scan, args.child_store, encoder, batch_size=args.batch_size, workers=args.workers,
+                    progress=False)
+    seconds = time.perf_counter() - started
+    print(json.dumps({"images": len(scan.records), "added": report.added, "seconds": seconds,
+                      "rss_after_load_mib": loaded_rss, "peak_after_load_mib": loaded_peak,
+                      "rss_end_mib": _bench.rss_mib_now(), "vm_hwm_mib": _bench.vm_hwm_mib()}))
+    return 0
+
+
+def peak_rss(sizes: list[int], args) -> tuple[list[dict], list[dict]]:
+    rows = []
+    keep_size = max(sizes) if args.keep_store else None
+    if args.keep_store is not None and args.keep_store.exists():
+        raise SystemExit(f"--keep-store {args.keep_store} exists; remove it or choose another path")
+    for size in sizes:
+        with tempfile.TemporaryDirectory(prefix="bench-rss-") as tmp:
+            store = args.keep_store if size == keep_size else Path(tmp) / "store"
+            command = [sys.executable, __file__, "--child", str(size), "--child-store", str(store),
+                       "--encoder", args.encoder, "--batch-size", str(args.batch_size),
+                       "--workers", str(args.workers), "--seed", str(args.seed)]
+            if args.weights:
+                command += ["--weights", args.weights]
+            started = time.perf_counter()
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+            out = process.stdout.read()
+            _, status, usage = os.wait4(process.pid, 0)
+            process.returncode = os.waitstatus_to_exitcode(status)
+            wall = time.perf_counter() - started
+            if process.returncode != 0:
+                raise SystemExit(f"child ingest of {size} images failed ({process.returncode})")
+            result = json.loads(out.strip().splitlines()[-1])
+            row = {"images": result["images"], "ingest s": result["seconds"],
+                   "img/s": result["added"] / result["seconds"],
+                   "RSS after encoder load MiB": result["rss_after_load_mib"],
+                   "peak RSS MiB (VmHWM)": result["vm_hwm_mib"],
+                   "ru_maxrss MiB (wait4)": usage.ru_maxrss / 1024,
+                   "child wall s": wall}
+            rows.append(row)
+            print(f"  ingest of {size} images in a child: {result['seconds']:.1f} s, peak RSS "
+                  f"{row['peak RSS MiB (VmHWM)']:.0f} MiB (after encoder load {result['rss_after_load_mib']:.0f})",
+                  flush=True)
+    if args.keep_store:
+        print(f"  kept the {keep_size}-image store at {args.keep_store}")
+    small, large = rows[0], rows[-1]
+    ratio = large["peak RSS MiB (VmHWM)"] / small["peak RSS MiB (VmHWM)"]
+    goals = [_bench.goal_line(f"peak RSS {large['images']} vs {small['images']} images", ratio, RSS_GOAL,
+                              higher=False)]
+    return rows, goals
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child is not None:
+        return child(args)
+    import torch  # noqa: F401  (so the header reports torch's threads)
+
+    info = _bench.print_header("Ingest end to end: mediret ingest vs naive loop vs bare forward")
+    rows, goals, raw = speed(args)
+    print()
+    print(_bench.table(rows))
+    print()
+    rss_rows: list[dict] = []
+    sizes = [int(s) for s in args.rss_sizes.split(",") if s.strip()]
+    if sizes:
+        print(f"\npeak RSS, ingest of {' and '.join(map(str, sizes))} images, each in a child process:", flush=True)
+        rss_rows, rss_goals = peak_rss(sorted(sizes), args)
+        goals += rss_goals
+        print()
+        print(_bench.table(rss_rows))
+    end_load = _bench.machine()["loadavg"]
+    print(f"\nload average at end: {' '.join(str(x) for x in end_load)}")
+    _bench.write_json(args.json, {"benchmark": "ingest", "command": _bench.command_line(), "machine": info,
+                                  "load_at_end": end_load, "args": vars(args), "results": rows,
+                                  "raw": raw, "rss": rss_rows, "goals": goals})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
