@@ -11,6 +11,7 @@ The cosine between the two embeddings of every image must stay >= 0.999.
     python scripts/bench_encoders.py --json reports/bench/encoders.json
     python scripts/bench_encoders.py --quick                  # a smoke run (~1 min)
     python scripts/bench_encoders.py --sweep                  # also batch sizes x threads
+    python scripts/bench_encoders.py --variants               # also bf16 / int8 candidates
 
 squeezenet1_1 uses the shared Keras/Caffe-convention weights; resnet50 and
 clip-vit-b-32 are built with random weights (architecture only: the speed is the
@@ -51,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sweep-batches", default="1,4,8,16,32,64")
     parser.add_argument("--sweep-threads", default="1,2")
     parser.add_argument("--sweep-images", type=int, default=64, help="images per sweep pass")
+    parser.add_argument("--variants", action="store_true",
+                        help="also time candidate fast paths mediret does not use (bf16 autocast, int8 "
+                             "dynamic quantization of nn.Linear) on the optimized model, with their cosine")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="32 images, 1 pass, two small encoders")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -123,8 +127,11 @@ def compare(name: str, weights: str | None, images: list[str], args) -> dict:
     sweep = []
     if args.sweep:
         sweep = sweep_settings(name, optimized, batch[: args.sweep_images], args)
+    variants = []
+    if args.variants:
+        variants = try_variants(name, optimized, batch, vectors["reference"], opt_ips, args)
     del reference, optimized
-    return {"row": row, "sweep": sweep}
+    return {"row": row, "sweep": sweep, "variants": variants}
 
 
 def sweep_settings(name: str, encoder, batch, args) -> list[dict]:
@@ -155,6 +162,50 @@ def sweep_settings(name: str, encoder, batch, args) -> list[dict]:
     return rows
 
 
+def try_variants(name: str, encoder, batch, reference, base_ips: float, args) -> list[dict]:
+    """Speed and cosine (vs the eager reference) of paths mediret does not take, on the optimized model.
+
+    These are leads, not results: with random weights the cosine says little about
+    real-weight accuracy (check with real weights before adopting one).
+    """
+    import warnings
+
+    import numpy as np
+    import torch
+
+    def run(model, autocast: bool) -> tuple[float, np.ndarray]:
+        outs = []
+        context = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+        with torch.inference_mode(), context:
+            prepared = [batch[i:i + args.batch_size] for i in range(0, len(batch), args.batch_size)]
+            if encoder._channels_last:
+                prepared = [b.contiguous(memory_format=torch.channels_last) for b in prepared]
+            model(prepared[0])
+            best_s = float("inf")
+            for _ in range(args.repeat):
+                outs = []
+                started = time.perf_counter()
+                for chunk in prepared:
+                    outs.append(model(chunk).float())
+                best_s = min(best_s, time.perf_counter() - started)
+        vectors = torch.nn.functional.normalize(torch.cat(outs), dim=1).numpy()
+        return len(batch) / best_s, vectors
+
+    rows = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
+        quantized = torch.ao.quantization.quantize_dynamic(encoder.model, {torch.nn.Linear}, dtype=torch.qint8)
+    for label, model, autocast in (("bf16 autocast", encoder.model, True),
+                                   ("int8 dynamic quantization of nn.Linear", quantized, False)):
+        ips, vectors = run(model, autocast)
+        cosine = np.sum(vectors * reference, axis=1)
+        rows.append({"encoder": name, "variant": label, "batch": args.batch_size, "img/s": ips,
+                     "vs mediret": ips / base_ips, "min cosine vs eager": float(cosine.min())})
+        print(f"    variant {name}, {label}: {ips:.1f} img/s ({ips / base_ips:.2f}x mediret), "
+              f"min cosine {cosine.min():.5f}", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -169,17 +220,21 @@ def main(argv=None) -> int:
     images = [r.source for r in _bench.ham_scan(args.images, seed=args.seed).records]
     print(f"{len(images)} HAM10000 images, batch {args.batch_size}, torch threads "
           f"{torch.get_num_threads()}, {args.repeat} timed pass(es) per path (fastest kept)\n")
-    rows, sweep = [], []
+    rows, sweep, variants = [], [], []
     for name in names:
         result = compare(name, ENCODERS[name], images, args)
         rows.append(result["row"])
         sweep.extend(result["sweep"])
+        variants.extend(result["variants"])
     print()
     print(_bench.table(rows, ["encoder", "weights", "images", "batch", "threads", "eager img/s",
                               "mediret img/s", "ratio", "min cosine"]))
     if sweep:
         print("\nmediret path, batch size x threads:\n")
         print(_bench.table(sweep))
+    if variants:
+        print("\ncandidate fast paths mediret does not use (random weights: check accuracy on real ones):\n")
+        print(_bench.table(variants))
     print()
     goals = []
     for row in rows:
@@ -189,7 +244,7 @@ def main(argv=None) -> int:
     print(f"\nload average at end: {' '.join(str(x) for x in end_load)}")
     _bench.write_json(args.json, {"benchmark": "encoders", "command": _bench.command_line(),
                                   "machine": info, "load_at_end": end_load, "args": vars(args),
-                                  "results": rows, "sweep": sweep, "goals": goals})
+                                  "results": rows, "sweep": sweep, "variants": variants, "goals": goals})
     return 0
 
 
