@@ -803,7 +803,8 @@ def predict_images(store_path: str | Path, images: Sequence[str | Path], model_n
     with Store.open(store_path) as store:
         saved = load_classifier(store, model_name)
         stored = store.encoder
-    encoder = load_encoder(stored.name, weights=weights, preprocess=stored.preprocess, device=device)
+    encoder = load_encoder(stored.name, weights=weights, preprocess=stored.preprocess, device=device,
+                           precision="fp32")  # a few images: the bf16 check would cost more than it saves
     warnings_ = []
     if encoder.weights_source.startswith(RANDOM_WEIGHTS) != stored.weights_source.startswith(RANDOM_WEIGHTS):
         raise ClassifyError(

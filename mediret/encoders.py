@@ -30,6 +30,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from mediret.allocator import keep_freed_memory
 from mediret.errors import EncoderError
 from mediret.preprocess import Preprocess, get_preset
 
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 RANDOM = "random"
 WEIGHTS_DIR_ENV = "MEDIRET_WEIGHTS_DIR"
 OFFLINE_ENVS = ("MEDIRET_OFFLINE", "HF_HUB_OFFLINE")
+PRECISIONS = ("auto", "fp32")
+BF16_MIN_COSINE = 0.9995  # the bf16 model must match fp32 this closely on the first batch to be kept
 PROBE_TIMEOUT_S = 3.0
 DOWNLOAD_SOCKET_TIMEOUT_S = 60.0
 
@@ -123,7 +126,18 @@ class Encoder:
     weights_source: where the weights came from (a file path, with the package or
         cache it belongs to, or ``random``).
     optimized: whether the fast inference path (BatchNorm folded into convolutions,
-        channels-last layout) is in use; ``False`` is the plain eager reference.
+        channels-last layout, activation buffers kept by the allocator: see
+        ``mediret.allocator``) is in use; ``False`` is the plain eager reference.
+    precision: ``fp32``, ``bf16 (...)`` once a bfloat16 copy of the model has
+        passed its check, or ``pending bf16 check`` before the first batch.
+
+    bfloat16 on CPU: with ``precision="auto"`` on a CPU with native bf16
+    instructions (AVX512_BF16 or AMX), the encoder also holds a bf16 copy of the
+    model. The first batch runs through both; the bf16 copy is kept only if
+    every embedding of that batch has cosine >= ``BF16_MIN_COSINE`` to the fp32
+    one, and that batch's fp32 embeddings are returned. Measured on 2 cores
+    (BENCHMARKS.md): CLIP ViT-B/32 3.2x fp32 at cosine 0.99995; EfficientNet-Lite0
+    fails the check (0.994) and stays fp32.
     """
 
     def __init__(
@@ -135,6 +149,7 @@ class Encoder:
         device: str,
         optimized: bool,
         channels_last: bool,
+        bf16_model: Any = None,
     ) -> None:
         self.spec = spec
         self.model = model
@@ -142,7 +157,10 @@ class Encoder:
         self.weights_source = weights_source
         self.device = device
         self.optimized = optimized
+        self.precision = "fp32" if bf16_model is None else "pending bf16 check"
         self._channels_last = channels_last
+        self._bf16_model = bf16_model
+        self._input_dtype: Any = None  # torch.float32 until a bf16 model is adopted
 
     @property
     def name(self) -> str:
@@ -168,12 +186,27 @@ class Encoder:
         if batch.shape[0] == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         with torch.inference_mode():
-            x = batch.to(self.device, torch.float32)
+            x = batch.to(self.device, self._input_dtype or torch.float32)
             if self._channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            features = self.model(x).float()
-            features = torch.nn.functional.normalize(features, dim=1)
+            features = torch.nn.functional.normalize(self.model(x).float(), dim=1)
+            if self._bf16_model is not None:
+                self._check_bf16(x, features)
         return features.cpu().numpy()
+
+    def _check_bf16(self, x: torch.Tensor, reference: torch.Tensor) -> None:
+        """Adopt the bf16 model if it reproduces ``reference`` (fp32 embeddings of ``x``); drop it either way."""
+        import torch
+
+        candidate, self._bf16_model = self._bf16_model, None
+        trial = torch.nn.functional.normalize(candidate(x.to(torch.bfloat16)).float(), dim=1)
+        cosine = float((trial * reference).sum(dim=1).min())
+        if cosine >= BF16_MIN_COSINE:
+            self.model, self._input_dtype = candidate, torch.bfloat16
+            self.precision = f"bf16 (min cosine {cosine:.5f} to fp32 on the first {len(x)} images)"
+        else:
+            self.precision = f"fp32 (bf16 rejected: min cosine {cosine:.5f} < {BF16_MIN_COSINE})"
+        log.info("%s runs in %s", self.name, self.precision)
 
     def embed_images(self, images: Iterable[Image.Image]) -> np.ndarray:
         """Preprocess PIL images with this encoder's preset and embed them as one batch."""
@@ -188,7 +221,7 @@ class Encoder:
         mode = "optimized" if self.optimized else "reference"
         return (
             f"Encoder({self.name!r}, dim={self.dim}, preprocess={self.preprocess.name!r}, "
-            f"weights={self.weights_source!r}, device={self.device!r}, {mode})"
+            f"weights={self.weights_source!r}, device={self.device!r}, {mode}, {self.precision})"
         )
 
 
@@ -198,6 +231,7 @@ def load_encoder(
     preprocess: str | None = None,
     device: str = "cpu",
     optimize: bool = True,
+    precision: str = "auto",
 ) -> Encoder:
     """Build encoder ``name`` ready for inference.
 
@@ -207,10 +241,15 @@ def load_encoder(
         for an untrained model (tests and benchmarks only).
     preprocess: preset name overriding the one the encoder and its weights call for.
     optimize: False gives the plain eager model, the reference the fast path is checked against.
+    precision: ``auto`` tries a bfloat16 copy of the optimized model on CPUs with native
+        bf16 and keeps it if it matches fp32 on the first batch (see ``Encoder``);
+        ``fp32`` never does.
     """
     import torch
 
     spec = get_encoder_spec(name)
+    if precision not in PRECISIONS:
+        raise EncoderError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
     if preprocess is not None:
         get_preset(preprocess, spec.input_size)  # fail on a bad name before building anything
     try:
@@ -228,12 +267,32 @@ def load_encoder(
     model = built.model.eval()
     channels_last = False
     if optimize:
+        keep_freed_memory()
         model = _optimize(model, spec)
         channels_last = spec.channels_last
     model = model.to(torch_device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return Encoder(spec, model, get_preset(preset, spec.input_size), source, str(torch_device), optimize, channels_last)
+    bf16_model = None
+    if optimize and precision == "auto" and torch_device.type == "cpu" and native_bf16():
+        import copy
+
+        bf16_model = copy.deepcopy(model).to(torch.bfloat16)
+    return Encoder(spec, model, get_preset(preset, spec.input_size), source, str(torch_device), optimize,
+                   channels_last, bf16_model)
+
+
+def native_bf16() -> bool:
+    """Whether this CPU has bfloat16 arithmetic (x86 AVX512_BF16 or AMX) that oneDNN uses."""
+    import torch
+
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    if " avx512_bf16" not in flags and " amx_bf16" not in flags:
+        return False
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def encoder_table() -> list[dict[str, Any]]:

@@ -36,6 +36,7 @@ class IngestReport:
     problems: list[Problem] = field(default_factory=list)
     seconds: float = 0.0
     interrupted: bool = False
+    precision: str = ""  # the encoder's arithmetic, e.g. "fp32" or "bf16 (min cosine ...)"
 
     @property
     def images_per_second(self) -> float:
@@ -47,7 +48,7 @@ class IngestReport:
             "added": self.added, "already_stored": self.already_stored,
             "duplicates": self.duplicates, "seconds": round(self.seconds, 2),
             "images_per_second": round(self.images_per_second, 1),
-            "interrupted": self.interrupted,
+            "interrupted": self.interrupted, "precision": self.precision,
             "problems": [p.__dict__ for p in self.problems],
         }
 
@@ -250,6 +251,7 @@ def ingest(scan: DatasetScan, store_path: str | Path, encoder, *, batch_size: in
     finally:
         store.close()
     report.seconds = time.perf_counter() - started
+    report.precision = getattr(encoder, "precision", "")
     return report
 
 

@@ -512,8 +512,9 @@ def embed_image(store: Store, image, weights: str | None = None, device: str = "
     from .encoders import load_encoder
 
     if encoder is None:
+        # fp32: for one image, trying bf16 (see Encoder) would cost more than it saves
         encoder = load_encoder(store.encoder.name, weights=weights or _store_weights(store),
-                               preprocess=store.encoder.preprocess, device=device)
+                               preprocess=store.encoder.preprocess, device=device, precision="fp32")
     elif (encoder.name, encoder.preprocess.name) != (store.encoder.name, store.encoder.preprocess):
         raise SearchError(f"encoder {encoder.name} ({encoder.preprocess.name}) is not the "
                           f"store's {store.encoder.name} ({store.encoder.preprocess})")

@@ -3,9 +3,11 @@
 
 For each encoder, ``load_encoder(name)`` (the default, optimized path) and
 ``load_encoder(name, optimize=False)`` (the plain eager model: contiguous NCHW
-tensors, default torch threads) embed the same preprocessed HAM10000 images in
-the same batches. Passes alternate (reference, optimized, reference, ...) so a
-load spike from other processes hits both; the fastest pass of each counts.
+tensors, default torch threads, glibc's default allocator settings) embed the
+same preprocessed HAM10000 images in the same batches. Each timed pass runs in a
+fresh child process (mediret's allocator setting is process-wide); passes
+alternate (reference, optimized, reference, ...) so a load spike from other
+processes hits both; the fastest pass of each counts.
 The cosine between the two embeddings of every image must stay >= 0.999.
 
     python scripts/bench_encoders.py --json reports/bench/encoders.json
@@ -58,6 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="32 images, 1 pass, two small encoders")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--worker", choices=("reference", "optimized"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker-batch", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-weights", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.images, args.repeat = 32, 1
@@ -82,28 +88,32 @@ def timed_embed(encoder, batch, batch_size: int):
 
 
 def compare(name: str, weights: str | None, images: list[str], args) -> dict:
-    """Time reference and optimized paths of one encoder on the same batch."""
+    """Time reference and optimized paths of one encoder on the same batch, each pass in a fresh process.
+
+    mediret's fast path sets process-wide allocator thresholds (``mediret.allocator``)
+    that speed up any model in the process, so plain eager PyTorch must run in a
+    process of its own to stay plain: every timed pass is a child process that
+    loads its encoder, warms up on one batch and embeds the whole batch once.
+    """
+    import tempfile
+
     import numpy as np
     import torch
 
     from mediret.encoders import load_encoder
 
-    # The same seed before each build: random-weight encoders then get identical weights on both paths.
     torch.manual_seed(args.seed)
-    optimized = load_encoder(name, weights=weights)
-    torch.manual_seed(args.seed)
-    reference = load_encoder(name, weights=weights, optimize=False)
-    assert optimized.preprocess == reference.preprocess
+    optimized = load_encoder(name, weights=weights)  # for preprocessing here and the sweep / variants
     batch = torch.stack([optimized.preprocess.load(path) for path in images])
-    warm = batch[: min(len(batch), args.batch_size)]
-    reference.embed_batch(warm)  # first calls allocate and pick kernels
-    optimized.embed_batch(warm)
     times = {"reference": [], "optimized": []}
     vectors = {}
-    for _ in range(args.repeat):
-        for label, encoder in (("reference", reference), ("optimized", optimized)):
-            seconds, vectors[label] = timed_embed(encoder, batch, args.batch_size)
-            times[label].append(seconds)
+    with tempfile.TemporaryDirectory() as tmp:
+        batch_file = Path(tmp) / "batch.pt"
+        torch.save(batch, batch_file)
+        for _ in range(args.repeat):
+            for label in ("reference", "optimized"):
+                seconds, vectors[label] = run_pass(name, weights, label, batch_file, Path(tmp), args)
+                times[label].append(seconds)
     ref_ips = len(batch) / _bench.best(times["reference"])
     opt_ips = len(batch) / _bench.best(times["optimized"])
     cosine = np.sum(vectors["reference"] * vectors["optimized"], axis=1)  # rows are unit length
@@ -113,7 +123,7 @@ def compare(name: str, weights: str | None, images: list[str], args) -> dict:
         "dim": optimized.dim,
         "images": len(batch),
         "batch": args.batch_size,
-        "threads": torch.get_num_threads(),
+        "threads": args.threads or torch.get_num_threads(),
         "eager img/s": ref_ips,
         "mediret img/s": opt_ips,
         "ratio": opt_ips / ref_ips,
@@ -130,8 +140,47 @@ def compare(name: str, weights: str | None, images: list[str], args) -> dict:
     variants = []
     if args.variants:
         variants = try_variants(name, optimized, batch, vectors["reference"], opt_ips, args)
-    del reference, optimized
+    del optimized
     return {"row": row, "sweep": sweep, "variants": variants}
+
+
+def run_pass(name: str, weights: str | None, path: str, batch_file: Path, tmp: Path, args):
+    """One timed pass of ``path`` ("reference" or "optimized") in a child process: (seconds, vectors)."""
+    import json
+    import os
+    import subprocess
+
+    import numpy as np
+
+    out = tmp / f"{path}.npy"
+    command = [sys.executable, __file__, "--worker", path, "--encoders", name, "--worker-batch", str(batch_file),
+               "--worker-out", str(out), "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
+    if weights:
+        command += ["--worker-weights", weights]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    done = subprocess.run(command, check=True, capture_output=True, text=True, env=dict(os.environ))
+    seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+    return seconds, np.load(out)
+
+
+def worker(args) -> int:
+    """Child side of ``run_pass``: load the encoder, warm up on one batch, time one pass over the batch."""
+    import json
+
+    import numpy as np
+    import torch
+
+    from mediret.encoders import load_encoder
+
+    torch.manual_seed(args.seed)  # random-weight encoders get identical weights on both paths
+    encoder = load_encoder(args.encoders, weights=args.worker_weights, optimize=args.worker == "optimized")
+    batch = torch.load(args.worker_batch)
+    encoder.embed_batch(batch[: args.batch_size])  # first calls allocate and pick kernels
+    seconds, vectors = timed_embed(encoder, batch, args.batch_size)
+    np.save(args.worker_out, vectors)
+    print(json.dumps({"seconds": seconds}))
+    return 0
 
 
 def sweep_settings(name: str, encoder, batch, args) -> list[dict]:
@@ -212,6 +261,8 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.worker:
+        return worker(args)
     info = _bench.print_header("Encoder forward: mediret (optimized) vs plain PyTorch eager")
     names = [n.strip() for n in args.encoders.split(",") if n.strip()]
     unknown = [n for n in names if n not in ENCODERS]

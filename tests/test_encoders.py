@@ -382,3 +382,68 @@ def test_squeezenet_torchvision_checkpoint_keeps_imagenet_preset(tmp_path):
     encoder = load_encoder("squeezenet1_1", weights=path)
     assert encoder.preprocess.name == "imagenet"
     _assert_unit_rows(encoder.embed_batch(torch.randn(2, 3, 224, 224)), 2, 512)
+
+
+# --- bf16 on CPU: kept only where it reproduces fp32 ----------------------------------------------
+
+
+def _ham_batch(encoder, start: int, n: int) -> torch.Tensor:
+    return torch.stack([encoder.preprocess.load(_ham(i)) for i in range(start, start + n)])
+
+
+@pytest.mark.parametrize("name", ["squeezenet1_1", "efficientnet-lite0"])
+def test_bf16_is_adopted_only_when_the_first_batch_matches_fp32(name, caffe_weights):
+    weights = caffe_weights if name == "squeezenet1_1" else None
+    encoder = load_encoder(name, weights=weights)
+    reference = load_encoder(name, weights=weights, optimize=False)
+    first, second = _ham_batch(encoder, 0, 6), _ham_batch(encoder, 6, 6)
+    if not encoders.native_bf16():
+        assert encoder.precision == "fp32"
+    else:
+        assert encoder.precision == "pending bf16 check"
+        # the check, computed independently: a bf16 copy of the eager model on the first batch
+        import copy
+
+        with torch.inference_mode():
+            trial = copy.deepcopy(reference.model).to(torch.bfloat16)(first.to(torch.bfloat16)).float().numpy()
+        expect_bf16 = _cosine(trial, reference.embed_batch(first)).min() >= encoders.BF16_MIN_COSINE
+    got_first = encoder.embed_batch(first)
+    assert _cosine(got_first, reference.embed_batch(first)).min() >= 0.99999  # the first batch is fp32
+    if encoders.native_bf16():
+        assert encoder.precision.startswith("bf16" if expect_bf16 else "fp32 (bf16 rejected")
+    got_second = encoder.embed_batch(second)
+    assert _cosine(got_second, reference.embed_batch(second)).min() >= 0.999
+    fp32 = load_encoder(name, weights=weights, precision="fp32")
+    fp32.embed_batch(first)
+    assert fp32.precision == "fp32"
+    assert _cosine(fp32.embed_batch(second), reference.embed_batch(second)).min() >= 0.99999
+    with pytest.raises(EncoderError, match="precision"):
+        load_encoder(name, weights=weights, precision="fp16")
+
+
+def test_allocator_keeps_freed_buffers_mapped():
+    """With mediret's malloc thresholds, re-allocating a 64 MiB buffer stops page-faulting it in again."""
+    script = (
+        "import os, resource, sys\n"
+        "from mediret.allocator import keep_freed_memory\n"
+        "applied = keep_freed_memory() if sys.argv[1] == 'on' else False\n"
+        "def churn():\n"
+        "    buf = bytearray(64 << 20)\n"
+        "    buf[::4096] = b'x' * len(buf[::4096])\n"
+        "churn()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(10):\n"
+        "    churn()\n"
+        "print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MALLOC_")}
+    runs = {}
+    for mode in ("off", "on"):
+        out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True, env=env)
+        applied, faults = out.stdout.split()
+        runs[mode] = (applied == "True", int(faults))
+    if not runs["on"][0]:
+        pytest.skip("not glibc: mediret leaves the allocator alone")
+    pages = 10 * (64 << 20) // 4096
+    assert runs["off"][1] >= pages // 2  # glibc's default: every buffer mapped afresh
+    assert runs["on"][1] < pages // 20
