@@ -9,7 +9,11 @@ pass the filters (no over-fetching and dropping).
 Index kinds (:data:`INDEX_KINDS`):
 
 ``exact``
-    The store's own ``IndexFlatIP``: every allowed vector is scored.
+    The store's own ``IndexFlatIP``: every allowed vector is scored. Up to
+    ``SMALL_BATCH`` queries are scored by one BLAS matrix product over a
+    zero-copy view of the index's vectors (FAISS scans one query on one thread
+    at ~0.55 of the memory-bandwidth bound, and slower with two; multi-threaded
+    sgemv reaches 0.9-1.0 of it: BENCHMARKS.md); larger batches go to FAISS.
 ``hnsw``
     ``IndexHNSWFlat``, M = 32 links per node, efConstruction = 200. efSearch
     is tuned at build time: the smallest of 16, 32, ..., 512 whose recall@10
@@ -70,6 +74,8 @@ REFINE_MIN = 100
 RECALL_KS = (1, 10, 50)
 RECALL_SAMPLE = 1000
 EXACT_FILTER_FRACTION = 0.1
+SMALL_BATCH = 16  # exact queries up to this many are scored with numpy/BLAS, more with FAISS
+GATHER_FRACTION = 0.25  # below this share of the store, allowed vectors are gathered, not scanned
 
 IMAGE_COLUMNS = ("id, image_id, source, dataset, group_id, given_split, content_hash, width, "
                  "height, meta (JSON: e.g. meta->>'sex' = 'male'), ingest_run")
@@ -206,6 +212,7 @@ class SearchIndex:
     recall: dict[int, float] = field(default_factory=dict)
     build_seconds: float | None = None
     cache_file: str | None = None
+    _flat: tuple[None, np.ndarray, bool] | None = field(default=None, repr=False)  # (-, row ids, ascending)
 
     @property
     def ntotal(self) -> int:
@@ -223,6 +230,10 @@ class SearchIndex:
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         selection = selection or Selection()
         sel, keep_alive = selection.faiss_selector()
+        view = self._flat_view() if kind == "exact" and len(queries) <= SMALL_BATCH else None
+        if view is not None:
+            del keep_alive
+            return self._search_blas(queries, k, selection, view)
         if kind == "exact":
             params = faiss.SearchParameters(sel=sel) if sel is not None else None
             scores, ids = self.exact.search(queries, k, params=params)
@@ -238,6 +249,72 @@ class SearchIndex:
         del keep_alive  # the selector had to outlive the search; no longer
         scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
         return scores, ids
+
+    def _flat_view(self) -> tuple[np.ndarray, np.ndarray, bool] | None:
+        """(vectors (n, d) viewing the flat index's memory, row -> id, ids ascending), or None.
+
+        None when the exact index is not an ``IndexIDMap`` over an ``IndexFlat``. The
+        view is taken afresh on each call (adding vectors may move FAISS's buffer);
+        the id map is cached while the index size stays the same.
+        """
+        import faiss
+
+        n = int(self.exact.ntotal)
+        if n == 0 or not hasattr(self.exact, "id_map"):
+            return None
+        flat = faiss.downcast_index(self.exact.index)
+        if not isinstance(flat, faiss.IndexFlat):
+            return None
+        if self._flat is None or len(self._flat[1]) != n:
+            row_ids = faiss.vector_to_array(self.exact.id_map).astype(np.int64)
+            self._flat = (None, row_ids, bool(np.all(row_ids[1:] > row_ids[:-1])))
+        _, row_ids, ascending = self._flat
+        return faiss.rev_swig_ptr(flat.get_xb(), n * flat.d).reshape(n, flat.d), row_ids, ascending
+
+    def _rows_of(self, ids: np.ndarray) -> np.ndarray:
+        """Row numbers of the stored ``ids`` (ids not stored are dropped)."""
+        _, row_ids, ascending = self._flat
+        if ascending:
+            order = None
+            rows = np.searchsorted(row_ids, ids)
+        else:
+            order = np.argsort(row_ids, kind="stable")
+            rows = np.searchsorted(row_ids, ids, sorter=order)
+        rows = np.minimum(rows, len(row_ids) - 1)
+        rows = rows if order is None else order[rows]
+        return rows[row_ids[rows] == ids]
+
+    def _search_blas(self, queries: np.ndarray, k: int, selection: Selection,
+                     view: tuple[np.ndarray, np.ndarray, bool]) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k by ``vectors @ queries.T`` on the index's own memory; same contract as ``search``."""
+        vectors, row_ids, _ = view
+        n = len(row_ids)
+        candidates = None  # rows that may be returned; None: all
+        if selection.allowed is not None:
+            candidates = self._rows_of(np.setdiff1d(selection.allowed, selection.excluded))
+        if candidates is not None and len(candidates) < GATHER_FRACTION * n:
+            scores = vectors[candidates] @ queries.T  # (c, Q): reads only the allowed vectors
+        else:
+            scores = vectors @ queries.T  # (n, Q): one pass over the index
+            if candidates is not None:
+                scores, candidates = scores[candidates], candidates
+            elif len(selection.excluded):
+                scores[self._rows_of(np.asarray(selection.excluded, dtype=np.int64))] = -np.inf
+        out_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        out_ids = np.full((len(queries), k), -1, dtype=np.int64)
+        kk = min(k, len(scores))
+        if kk == 0:
+            return out_scores, out_ids
+        for q in range(len(queries)):
+            column = scores[:, q]
+            top = np.argpartition(-column, kk - 1)[:kk] if kk < len(column) else np.arange(len(column))
+            rows = top if candidates is None else candidates[top]
+            order = np.lexsort((row_ids[rows], -column[top]))  # best first, ties by id
+            top, rows = top[order], rows[order]
+            keep = np.isfinite(column[top])
+            out_scores[q, :keep.sum()] = column[top][keep]
+            out_ids[q, :keep.sum()] = row_ids[rows][keep]
+        return out_scores, out_ids
 
     def _search_refined(self, queries: np.ndarray, k: int, sel) -> tuple[np.ndarray, np.ndarray]:
         """IVF-PQ shortlist of max(REFINE_FACTOR * k, REFINE_MIN) ids, re-ranked exactly."""

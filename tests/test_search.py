@@ -359,3 +359,47 @@ def test_cli_search_errors(vs, args, code, message):
     assert result.exit_code == code
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("ascending", [True, False])
+def test_blas_and_faiss_exact_paths_agree_with_brute_force(vs, ascending):
+    """Few queries are scored with numpy on the index's memory, many with FAISS: same hits either way."""
+    import faiss
+
+    from mediret.search import SMALL_BATCH, SearchIndex, Selection
+
+    rng = np.random.default_rng(3)
+    X = vs.X.astype(np.float32)
+    ids = np.arange(1000, 1000 + len(X), dtype=np.int64)
+    if not ascending:
+        ids = rng.permutation(ids)
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(X.shape[1]))
+    index.add_with_ids(X, ids)
+    searcher = SearchIndex("exact", index, index)
+    queries = X[rng.choice(len(X), SMALL_BATCH + 1, replace=False)]
+    few, many = queries[:3], queries  # 3 -> numpy/BLAS; SMALL_BATCH + 1 -> FAISS
+    nearest = ids[np.argsort(-(X @ few.T), axis=0)[:20].ravel()]  # what the queries would find
+    absent = np.array([1, 10**9], dtype=np.int64)  # ids not in the index are ignored
+    selections = {
+        "all": Selection(),
+        "excluded": Selection(excluded=np.concatenate([nearest[::2], absent])),
+        "small allowed (gathered)": Selection(allowed=np.concatenate([nearest, absent]),
+                                              excluded=nearest[1::3]),
+        "large allowed (scanned)": Selection(allowed=np.concatenate([rng.choice(ids, len(X) // 2, replace=False),
+                                                                      nearest[:7], absent])),
+        "fewer allowed than k": Selection(allowed=ids[[7, 3, 11]]),
+    }
+    k = 10
+    for name, selection in selections.items():
+        mask = np.ones(len(X), bool) if selection.allowed is None else np.isin(ids, selection.allowed)
+        mask &= ~np.isin(ids, selection.excluded)
+        blas_scores, blas_ids = searcher.search(few, k, selection)
+        faiss_scores, faiss_ids = searcher.search(many, k, selection)
+        for q in range(len(few)):
+            rows, scores = brute_force(X, few[q], k, mask)
+            n = len(rows)
+            assert set(blas_ids[q, :n].tolist()) == set(ids[rows].tolist()), name
+            np.testing.assert_allclose(blas_scores[q, :n], scores, atol=1e-5, err_msg=name)
+            np.testing.assert_allclose(faiss_scores[q, :n], scores, atol=1e-5, err_msg=name)
+            assert (blas_ids[q, n:] == -1).all() and np.isneginf(blas_scores[q, n:]).all(), name
+            assert set(faiss_ids[q, :n].tolist()) == set(blas_ids[q, :n].tolist()), name
