@@ -403,3 +403,30 @@ def test_blas_and_faiss_exact_paths_agree_with_brute_force(vs, ascending):
             np.testing.assert_allclose(faiss_scores[q, :n], scores, atol=1e-5, err_msg=name)
             assert (blas_ids[q, n:] == -1).all() and np.isneginf(blas_scores[q, n:]).all(), name
             assert set(faiss_ids[q, :n].tolist()) == set(blas_ids[q, :n].tolist()), name
+
+
+def test_ivf_pq_tunes_a_longer_shortlist_when_the_short_one_caps_recall():
+    """Uniform random 128-d vectors: 16-byte PQ codes rank them coarsely, so max(10k, 100) candidates
+    cannot reach recall@10 0.95 at any nprobe; the tuning must lengthen the shortlist."""
+    import faiss
+
+    from mediret.search import IVF_TARGET_RECALL, build_from_vectors
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((16000, 128)).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    ids = np.arange(len(X), dtype=np.int64) * 3 + 7
+    exact = faiss.IndexIDMap2(faiss.IndexFlatIP(128))
+    exact.add_with_ids(X, ids)
+    built = build_from_vectors("ivf-pq", X, ids, exact, seed=0)
+    assert built.params["refine_factor"] > 10
+    # recall of the chosen setting, computed here on fresh queries
+    queries = rng.standard_normal((200, 128)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    truth = np.argsort(-(queries @ X.T), axis=1)[:, :10]
+    _, found = built.search(queries, 10)
+    recall = np.mean([len(set(ids[t]) & set(f)) / 10 for t, f in zip(truth, found)])
+    assert recall >= IVF_TARGET_RECALL - 0.03
+    built.params["refine_factor"] = 10  # the old fixed shortlist, same nprobe: clearly worse
+    _, short = built.search(queries, 10)
+    assert np.mean([len(set(ids[t]) & set(f)) / 10 for t, f in zip(truth, short)]) < recall - 0.05
