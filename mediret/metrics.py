@@ -536,6 +536,18 @@ def class_sizes(db_labels: Any) -> dict[Any, int]:
     return dict(Counter(np.asarray(db_labels).tolist()))
 
 
+def _single_label_arrays(query_labels: Any, retrieved_labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(Q,) query labels and (Q, K) retrieved labels as arrays, or a SearchError saying what is wrong."""
+    queries = np.asarray(query_labels)
+    retrieved = np.asarray(retrieved_labels)
+    if queries.ndim != 1 or retrieved.ndim != 2 or len(retrieved) != len(queries):
+        raise SearchError(
+            f"query_labels must be (Q,) and retrieved_labels (Q, K); got {queries.shape} "
+            f"and {retrieved.shape}"
+        )
+    return queries, retrieved
+
+
 def relevance_from_labels(
     query_labels: Any, retrieved_labels: Any, db_class_sizes: Mapping[Any, int] | Sequence[int]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -545,13 +557,7 @@ def relevance_from_labels(
     database hits in rank order; db_class_sizes: label -> database count (a sequence
     is indexed by integer label). A label missing from it has R_q = 0.
     """
-    queries = np.asarray(query_labels)
-    retrieved = np.asarray(retrieved_labels)
-    if queries.ndim != 1 or retrieved.ndim != 2 or len(retrieved) != len(queries):
-        raise SearchError(
-            f"query_labels must be (Q,) and retrieved_labels (Q, K); got {queries.shape} "
-            f"and {retrieved.shape}"
-        )
+    queries, retrieved = _single_label_arrays(query_labels, retrieved_labels)
     sizes = (
         db_class_sizes if isinstance(db_class_sizes, Mapping) else dict(enumerate(db_class_sizes))
     )
@@ -675,13 +681,7 @@ def majority_vote_at_k(
     """
     if ties not in ("first", "any"):
         raise SearchError(f"ties must be 'first' or 'any', got {ties!r}")
-    queries = np.asarray(query_labels)
-    retrieved = np.asarray(retrieved_labels)
-    if queries.ndim != 1 or retrieved.ndim != 2 or len(retrieved) != len(queries):
-        raise SearchError(
-            f"query_labels must be (Q,) and retrieved_labels (Q, K); got {queries.shape} "
-            f"and {retrieved.shape}"
-        )
+    queries, retrieved = _single_label_arrays(query_labels, retrieved_labels)
     if not 1 <= k <= retrieved.shape[1]:
         raise SearchError(f"k={k} is outside 1..{retrieved.shape[1]} (hits retrieved per query)")
     top = retrieved[:, :k]

@@ -106,13 +106,14 @@ def compare(name: str, weights: str | None, images: list[str], args) -> dict:
     optimized = load_encoder(name, weights=weights)  # for preprocessing here and the sweep / variants
     batch = torch.stack([optimized.preprocess.load(path) for path in images])
     times = {"reference": [], "optimized": []}
-    vectors = {}
+    vectors, precision = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         batch_file = Path(tmp) / "batch.pt"
         torch.save(batch, batch_file)
         for _ in range(args.repeat):
             for label in ("reference", "optimized"):
-                seconds, vectors[label] = run_pass(name, weights, label, batch_file, Path(tmp), args)
+                seconds, precision[label], vectors[label] = run_pass(name, weights, label, batch_file,
+                                                                     Path(tmp), args)
                 times[label].append(seconds)
     ref_ips = len(batch) / _bench.best(times["reference"])
     opt_ips = len(batch) / _bench.best(times["optimized"])
@@ -127,13 +128,16 @@ def compare(name: str, weights: str | None, images: list[str], args) -> dict:
         "eager img/s": ref_ips,
         "mediret img/s": opt_ips,
         "ratio": opt_ips / ref_ips,
+        "mediret precision": precision["optimized"].split(" (")[0],
         "min cosine": float(cosine.min()),
         "mean cosine": float(cosine.mean()),
+        "mediret precision detail": precision["optimized"],
         "eager s (all passes)": [round(t, 3) for t in times["reference"]],
         "mediret s (all passes)": [round(t, 3) for t in times["optimized"]],
     }
     print(f"  {name}: eager {ref_ips:.1f} img/s, mediret {opt_ips:.1f} img/s, "
-          f"ratio {row['ratio']:.2f}x, min cosine {row['min cosine']:.6f}", flush=True)
+          f"ratio {row['ratio']:.2f}x, min cosine {row['min cosine']:.6f}; mediret ran "
+          f"{precision['optimized']}", flush=True)
     sweep = []
     if args.sweep:
         sweep = sweep_settings(name, optimized, batch[: args.sweep_images], args)
@@ -160,8 +164,8 @@ def run_pass(name: str, weights: str | None, path: str, batch_file: Path, tmp: P
     if args.threads:
         command += ["--threads", str(args.threads)]
     done = subprocess.run(command, check=True, capture_output=True, text=True, env=dict(os.environ))
-    seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
-    return seconds, np.load(out)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return result["seconds"], result["precision"], np.load(out)
 
 
 def worker(args) -> int:
@@ -179,7 +183,7 @@ def worker(args) -> int:
     encoder.embed_batch(batch[: args.batch_size])  # first calls allocate and pick kernels
     seconds, vectors = timed_embed(encoder, batch, args.batch_size)
     np.save(args.worker_out, vectors)
-    print(json.dumps({"seconds": seconds}))
+    print(json.dumps({"seconds": seconds, "precision": encoder.precision}))
     return 0
 
 
@@ -279,7 +283,7 @@ def main(argv=None) -> int:
         variants.extend(result["variants"])
     print()
     print(_bench.table(rows, ["encoder", "weights", "images", "batch", "threads", "eager img/s",
-                              "mediret img/s", "ratio", "min cosine"]))
+                              "mediret img/s", "ratio", "mediret precision", "min cosine"]))
     if sweep:
         print("\nmediret path, batch size x threads:\n")
         print(_bench.table(sweep))
