@@ -127,9 +127,11 @@ def damaged_ham(tmp_path):
                         "unlabelled": part / "ISIC_9999999.jpg"}
 
 
-def test_bad_input_is_reported_with_paths_and_the_rest_ingested(tmp_path, damaged_ham):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_input_is_reported_with_paths_and_the_rest_ingested(tmp_path, damaged_ham, workers):
     root, rows, bad = damaged_ham
-    report = ingest(read_dataset(root), tmp_path / "store", ThumbnailEncoder(), progress=False)
+    report = ingest(read_dataset(root), tmp_path / "store", ThumbnailEncoder(), progress=False,
+                    workers=workers)
     by_path = {p.path: p for p in report.problems}
     assert by_path[str(bad["zero"])].kind == "unreadable-image"
     assert "0 bytes" in by_path[str(bad["zero"])].reason
@@ -146,6 +148,14 @@ def test_bad_input_is_reported_with_paths_and_the_rest_ingested(tmp_path, damage
         assert dict(recorded)["unreadable-image"] == 3
         assert dict(recorded)["missing-label"] == 1
         assert dict(recorded)["missing-image"] == 1
+        # decoded inline or in threads, each image gets its own vector, in order
+        stored = store.records(store.ids())
+        encoder = ThumbnailEncoder()
+        expected = []
+        for image in stored:
+            with Image.open(image.source) as pil:
+                expected.append(encoder.embed_batch(encoder.preprocess(pil)[None])[0])
+        np.testing.assert_allclose(store.vectors([r.id for r in stored]), np.array(expected), atol=1e-6)
 
 
 def test_identical_bytes_are_stored_once_embedded(tmp_path):
