@@ -13,7 +13,8 @@ The cosine between the two embeddings of every image must stay >= 0.999.
     python scripts/bench_encoders.py --json reports/bench/encoders.json
     python scripts/bench_encoders.py --quick                  # a smoke run (~1 min)
     python scripts/bench_encoders.py --sweep                  # also batch sizes x threads
-    python scripts/bench_encoders.py --variants               # also bf16 / int8 candidates
+    python scripts/bench_encoders.py --variants               # also bf16 autocast / int8 candidates
+    python scripts/bench_encoders.py --ablation               # also mediret's path without bf16 / malloc tuning
 
 squeezenet1_1 uses the shared Keras/Caffe-convention weights; resnet50 and
 clip-vit-b-32 are built with random weights (architecture only: the speed is the
@@ -64,6 +65,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--worker-batch", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--worker-weights", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-precision", default="auto", help=argparse.SUPPRESS)
+    parser.add_argument("--ablation", action="store_true",
+                        help="also time mediret's path with parts turned off, in the same interleaved "
+                             "rounds: fp32 only (no bf16), and fp32 with glibc's default malloc")
     args = parser.parse_args(argv)
     if args.quick:
         args.images, args.repeat = 32, 1
@@ -115,6 +120,10 @@ def compare(name: str, weights: str | None, images: list[str], args) -> dict:
                 seconds, precision[label], vectors[label] = run_pass(name, weights, label, batch_file,
                                                                      Path(tmp), args)
                 times[label].append(seconds)
+            for label, (path, mode, env) in (ABLATIONS.items() if args.ablation else ()):
+                seconds, precision[label], vectors[label] = run_pass(name, weights, path, batch_file,
+                                                                     Path(tmp), args, mode, env)
+                times.setdefault(label, []).append(seconds)
     ref_ips = len(batch) / _bench.best(times["reference"])
     opt_ips = len(batch) / _bench.best(times["optimized"])
     cosine = np.sum(vectors["reference"] * vectors["optimized"], axis=1)  # rows are unit length
@@ -138,6 +147,12 @@ def compare(name: str, weights: str | None, images: list[str], args) -> dict:
     print(f"  {name}: eager {ref_ips:.1f} img/s, mediret {opt_ips:.1f} img/s, "
           f"ratio {row['ratio']:.2f}x, min cosine {row['min cosine']:.6f}; mediret ran "
           f"{precision['optimized']}", flush=True)
+    for label in (ABLATIONS if args.ablation else ()):
+        ips = len(batch) / _bench.best(times[label])
+        row[f"{label}: img/s"] = ips
+        row[f"{label}: x eager"] = ips / ref_ips
+        row[f"{label}: min cosine"] = float(np.sum(vectors["reference"] * vectors[label], axis=1).min())
+        print(f"    ablation {name}, {label}: {ips:.1f} img/s ({ips / ref_ips:.2f}x eager)", flush=True)
     sweep = []
     if args.sweep:
         sweep = sweep_settings(name, optimized, batch[: args.sweep_images], args)
@@ -148,8 +163,16 @@ def compare(name: str, weights: str | None, images: list[str], args) -> dict:
     return {"row": row, "sweep": sweep, "variants": variants}
 
 
-def run_pass(name: str, weights: str | None, path: str, batch_file: Path, tmp: Path, args):
-    """One timed pass of ``path`` ("reference" or "optimized") in a child process: (seconds, vectors)."""
+ABLATIONS = {  # label -> (worker path, precision, environment additions)
+    "fast path, fp32 only": ("optimized", "fp32", {}),
+    "fast path, fp32, glibc default malloc": ("optimized", "fp32", {"MEDIRET_MALLOC_TUNING": "0"}),
+}
+
+
+def run_pass(name: str, weights: str | None, path: str, batch_file: Path, tmp: Path, args,
+             precision: str = "auto", env: dict | None = None):
+    """One timed pass of ``path`` ("reference" or "optimized") in a child process:
+    (seconds, the precision it ran in, vectors)."""
     import json
     import os
     import subprocess
@@ -158,12 +181,13 @@ def run_pass(name: str, weights: str | None, path: str, batch_file: Path, tmp: P
 
     out = tmp / f"{path}.npy"
     command = [sys.executable, __file__, "--worker", path, "--encoders", name, "--worker-batch", str(batch_file),
-               "--worker-out", str(out), "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
+               "--worker-out", str(out), "--batch-size", str(args.batch_size), "--seed", str(args.seed),
+               "--worker-precision", precision]
     if weights:
         command += ["--worker-weights", weights]
     if args.threads:
         command += ["--threads", str(args.threads)]
-    done = subprocess.run(command, check=True, capture_output=True, text=True, env=dict(os.environ))
+    done = subprocess.run(command, check=True, capture_output=True, text=True, env={**os.environ, **(env or {})})
     result = json.loads(done.stdout.strip().splitlines()[-1])
     return result["seconds"], result["precision"], np.load(out)
 
@@ -178,7 +202,8 @@ def worker(args) -> int:
     from mediret.encoders import load_encoder
 
     torch.manual_seed(args.seed)  # random-weight encoders get identical weights on both paths
-    encoder = load_encoder(args.encoders, weights=args.worker_weights, optimize=args.worker == "optimized")
+    encoder = load_encoder(args.encoders, weights=args.worker_weights, optimize=args.worker == "optimized",
+                           precision=args.worker_precision)
     batch = torch.load(args.worker_batch)
     encoder.embed_batch(batch[: args.batch_size])  # first calls allocate and pick kernels
     seconds, vectors = timed_embed(encoder, batch, args.batch_size)
@@ -284,6 +309,13 @@ def main(argv=None) -> int:
     print()
     print(_bench.table(rows, ["encoder", "weights", "images", "batch", "threads", "eager img/s",
                               "mediret img/s", "ratio", "mediret precision", "min cosine"]))
+    if args.ablation:
+        print("\nmediret's path with parts turned off (same interleaved rounds, each pass in its own process):\n")
+        steps = [("eager", "eager img/s")] + [(label, f"{label}: img/s") for label in reversed(ABLATIONS)] + [
+            ("mediret default", "mediret img/s")]
+        print(_bench.table([{"encoder": r["encoder"], **{f"{label} img/s (x eager)": f"{r[key]:.1f} "
+                                                         f"({r[key] / r['eager img/s']:.2f}x)"
+                                                         for label, key in steps}} for r in rows]))
     if sweep:
         print("\nmediret path, batch size x threads:\n")
         print(_bench.table(sweep))

@@ -152,6 +152,9 @@ def speed(args) -> tuple[list[dict], list[dict], dict]:
     decode_seconds = time.perf_counter() - started
     print(f"  decode + preprocess alone (1 thread, no forward): {decode_seconds:.2f} s", flush=True)
     encoder.embed_batch(batch[: args.batch_size])  # warm-up
+    # The baselines run twice, before and after the mediret passes, and the faster pass counts.
+    naive_records = records[: args.naive_images] if args.naive_images else records
+    first_naive = naive_in_child(len(records), len(naive_records), args)
     times: dict[str, list[float]] = {"bare": [], "ingest": []}
     detail = {}
     for _ in range(args.repeat):
@@ -161,9 +164,11 @@ def speed(args) -> tuple[list[dict], list[dict], dict]:
         times["ingest"].append(seconds)
         print(f"  mediret ingest: {seconds:.2f} s", flush=True)
     del batch
-    naive_records = records[: args.naive_images] if args.naive_images else records
-    naive = naive_in_child(len(records), len(naive_records), args)
-    eager_one, naive_seconds = naive["eager_batch1_s"], naive["naive_s"]
+    naive = [first_naive, naive_in_child(len(records), len(naive_records), args)]
+    eager_one = min(n["eager_batch1_s"] for n in naive)
+    naive_seconds = min(n["naive_s"] for n in naive)
+    raw_naive = {"eager_batch1_s (both passes)": [n["eager_batch1_s"] for n in naive],
+                 "naive_s (both passes)": [n["naive_s"] for n in naive]}
     print(f"  eager model, batch 1, tensors in memory (child process): {eager_one:.2f} s", flush=True)
     print(f"  naive loop (child process): {naive_seconds:.2f} s for {len(naive_records)} images", flush=True)
     n = len(records)
@@ -187,7 +192,8 @@ def speed(args) -> tuple[list[dict], list[dict], dict]:
     goals = [_bench.goal_line("ingest vs naive loop", ingest_ips / naive_ips, NAIVE_GOAL),
              _bench.goal_line("ingest vs bare forward", ingest_ips / bare_ips, BARE_GOAL)]
     raw = {"ingest_s": times["ingest"], "bare_s": times["bare"], "naive_s": naive_seconds,
-           "decode_preprocess_s": decode_seconds, "eager_batch1_s": eager_one, "ingest_report": detail}
+           "decode_preprocess_s": decode_seconds, "eager_batch1_s": eager_one, "ingest_report": detail,
+           **raw_naive}
     return rows, goals, raw
 
 
