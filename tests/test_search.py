@@ -430,3 +430,32 @@ def test_ivf_pq_tunes_a_longer_shortlist_when_the_short_one_caps_recall():
     built.params["refine_factor"] = 10  # the old fixed shortlist, same nprobe: clearly worse
     _, short = built.search(queries, 10)
     assert np.mean([len(set(ids[t]) & set(f)) / 10 for t, f in zip(truth, short)]) < recall - 0.05
+
+
+def test_few_queries_run_faiss_on_one_thread_and_restore_the_setting(vs):
+    import faiss
+
+    from mediret.search import SearchIndex
+
+    X = vs.X.astype(np.float32)
+    hnsw = faiss.IndexIDMap2(faiss.IndexHNSWFlat(X.shape[1], 16, faiss.METRIC_INNER_PRODUCT))
+    hnsw.add_with_ids(X, np.arange(len(X), dtype=np.int64))
+    searcher = SearchIndex("hnsw", hnsw, hnsw, params={"efSearch": 64})
+    seen = []
+    original = faiss.IndexIDMap2.search
+
+    def spy(self, *args, **kwargs):
+        seen.append(faiss.omp_get_max_threads())
+        return original(self, *args, **kwargs)
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)
+    try:
+        faiss.IndexIDMap2.search = spy
+        searcher.search(X[:1], 5)
+        searcher.search(X[:40], 5)
+        after = faiss.omp_get_max_threads()
+    finally:
+        faiss.IndexIDMap2.search = original
+        faiss.omp_set_num_threads(before)
+    assert seen == [1, 2] and after == 2
