@@ -50,6 +50,7 @@ ANN_SPEEDUP_GOAL = 50.0
 ANN_GOAL_N = 1_000_000
 K = 10
 DEFAULT_STORES = ("indexes/bench-ham10000-efficientnet-lite0", "indexes/ham10000-efficientnet-lite0")
+EF_REFINE = 8  # the bench narrows efSearch down to this step between mediret's grid points
 EF_EXTRA = (1024, 2048)  # beyond mediret's own efSearch choices, when those do not reach the target
 
 
@@ -450,15 +451,27 @@ def ann_part(kind: str, data: Dataset, truth, flat_best: dict, args, out: dict, 
     print(f"  {kind}: built in {seconds:.1f} s ({built.params}), index {size / 1e6:.1f} MB", flush=True)
     extra = 1 if data.query_ids is not None else 0
     rows, chosen = [], None
-    for value in values:
+    def measure(value):
         built.params[knob] = value
         _, approx = with_omp(2, lambda: built.search(data.queries, K + extra))
-        recall = recall_at(approx, truth, data.query_ids)
-        row = {"kind": kind, knob: value, "recall@10": recall}
+        row = {"kind": kind, knob: value, "recall@10": recall_at(approx, truth, data.query_ids)}
         rows.append(row)
-        if recall >= RECALL_GOAL and chosen is None:
+        return row
+
+    previous = None
+    for value in values:
+        row = measure(value)
+        if row["recall@10"] >= RECALL_GOAL:
             chosen = row
+            if kind == "hnsw" and previous is not None:
+                # efSearch is any integer: the smallest reaching the goal, to within EF_REFINE
+                for between in range(previous + EF_REFINE, value, EF_REFINE):
+                    row = measure(between)
+                    if row["recall@10"] >= RECALL_GOAL:
+                        chosen = row
+                        break
             break
+        previous = value
     target = chosen or max(rows, key=lambda r: r["recall@10"])
     built.params[knob] = target[knob]
     if kind == "ivf-pq":
