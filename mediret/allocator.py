@@ -3,16 +3,16 @@
 glibc serves allocations above its mmap threshold (dynamic, at most 32 MiB) with
 ``mmap`` and returns them with ``munmap`` when freed. A CNN forward at batch 32
 frees and re-allocates tens of such buffers per batch, so every batch
-page-faults its activations in again: EfficientNet-Lite0 over 256 images took
-3.8 M minor faults, and about half of its wall time went to the kernel.
+page-faults its activations in again, and much of the forward's time goes to
+the kernel.
 
 ``keep_freed_memory`` raises the mmap threshold to 256 MiB (a fixed threshold
 also turns off glibc's dynamic adjustment) and the trim threshold to 1 GiB, so
-freed activations stay mapped for the next batch. Measured on 2 cores, batch 32
-(``BENCHMARKS.md``, Findings 1): EfficientNet-Lite0 99 -> 219 img/s, SqueezeNet
-163 -> 430, ResNet50 33 -> 49; peak RSS moved by under 7%. Buffers of 256 MiB
-and more (a FAISS index, a big numpy matrix) are still mapped and returned to
-the OS as before.
+freed activations stay mapped for the next batch. On 2 cores, batch 32
+(``BENCHMARKS.md``, ``scripts/bench_encoders.py --ablation``): EfficientNet-Lite0
+105 -> 240 img/s, SqueezeNet 172 -> 385, ResNet50 34 -> 50; peak RSS of an
+ingest unchanged. Buffers of 256 MiB and more (a FAISS index, a big numpy
+matrix) are still mapped and returned to the OS as before.
 
 The setting is process-wide and applies only to glibc (Linux); elsewhere, or when
 the user set ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` /

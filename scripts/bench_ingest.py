@@ -59,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=None,
                         help="decode threads (default: ingest's own choice, mediret.ingest.default_workers)")
     parser.add_argument("--repeat", type=int, default=2, help="timed ingest and bare passes (fastest counts)")
+    parser.add_argument("--sweep-workers", default="",
+                        help="also time ingest with each of these decode-thread counts (e.g. 0,1,2,3), "
+                             "--repeat interleaved rounds, in this process")
     parser.add_argument("--rss-sizes", default="1000,8013",
                         help="image counts of the peak-RSS ingests (each in a child process); '' skips")
     parser.add_argument("--keep-store", type=Path, default=None,
@@ -197,6 +200,24 @@ def speed(args) -> tuple[list[dict], list[dict], dict]:
     return rows, goals, raw
 
 
+def sweep_workers(args) -> list[dict]:
+    """Ingest img/s at each decode-thread count, interleaved rounds, the best round of each kept."""
+    counts = [int(c) for c in args.sweep_workers.split(",") if c.strip()]
+    scan = _bench.ham_scan(args.images, seed=args.seed)
+    encoder = load(args)
+    best: dict[int, float] = {}
+    for _ in range(args.repeat):
+        for count in counts:
+            seconds, _ = run_ingest(scan, encoder, argparse.Namespace(**{**vars(args), "workers": count}))
+            best[count] = max(best.get(count, 0.0), len(scan.records) / seconds)
+    rows = [{"decode workers": count, "images": len(scan.records), "ingest img/s": best[count],
+             "x inline (0 workers)": best[count] / best[counts[0]] if counts[0] == 0 else None}
+            for count in counts]
+    print("\ningest by decode-thread count:\n")
+    print(_bench.table(rows))
+    return rows
+
+
 def naive_in_child(images: int, naive_images: int, args) -> dict:
     """The naive loop and the eager batch-1 forward, timed in a fresh process.
 
@@ -303,6 +324,7 @@ def main(argv=None) -> int:
     print()
     print(_bench.table(rows))
     print()
+    sweep_rows = sweep_workers(args) if args.sweep_workers else []
     rss_rows: list[dict] = []
     sizes = [int(s) for s in args.rss_sizes.split(",") if s.strip()]
     if sizes:
@@ -315,7 +337,7 @@ def main(argv=None) -> int:
     print(f"\nload average at end: {' '.join(str(x) for x in end_load)}")
     _bench.write_json(args.json, {"benchmark": "ingest", "command": _bench.command_line(), "machine": info,
                                   "load_at_end": end_load, "args": vars(args), "results": rows,
-                                  "raw": raw, "rss": rss_rows, "goals": goals})
+                                  "raw": raw, "rss": rss_rows, "workers_sweep": sweep_rows, "goals": goals})
     return 0
 
 
