@@ -240,7 +240,12 @@ SIMILARITY_TEXT = "cosine similarity on L2-normalised vectors (inner product)"
 
 
 def index_options(func):
-    """--index and --rebuild-index, shared by search and evaluate-retrieval."""
+    """--index, --target-recall and --rebuild-index, shared by search and evaluate-retrieval."""
+    func = click.option(
+        "--target-recall", type=click.FloatRange(0.5, 1.0), default=None,
+        help="recall@10 against exact search that the approximate index is tuned to (HNSW's "
+             "efSearch; IVF-PQ's nprobe and shortlist). Lower is faster. Default: 0.99 for hnsw, "
+             "0.95 for ivf-pq.")(func)
     func = click.option(
         "--rebuild-index", is_flag=True,
         help="Rebuild the approximate index even if a cached one fits the store.")(func)
@@ -251,10 +256,10 @@ def index_options(func):
              "the store directory.")(func)
 
 
-def _open_search_index(store, kind: str, rebuild: bool):
+def _open_search_index(store, kind: str, rebuild: bool, target_recall: float | None = None):
     from .search import open_index
 
-    index = open_index(store, kind, rebuild=rebuild)
+    index = open_index(store, kind, rebuild=rebuild, target_recall=target_recall)
     if index.build_seconds is not None:
         recall = ", ".join(f"{k} {v:.3f}" for k, v in index.describe()["recall"].items())
         params = ", ".join(f"{k}={v}" for k, v in index.params.items())
@@ -310,7 +315,7 @@ def _parse_ks(ctx, param, value: str) -> list[int]:
 @output_format_option
 @user_errors
 def search(image, store_path, image_id, k, labels, split, split_scheme, where, groups,
-           exclude_group, group_of, index_kind, rebuild_index, weights, device, sheet,
+           exclude_group, group_of, index_kind, rebuild_index, target_recall, weights, device, sheet,
            output_format):
     """Find the stored images most similar to IMAGE (a file) or to a stored image (--id).
 
@@ -336,7 +341,7 @@ def search(image, store_path, image_id, k, labels, split, split_scheme, where, g
     filters = Filters(labels=tuple(labels), split=split, split_scheme=split_scheme, where=where,
                       groups=tuple(groups))
     with Store.open(store_path) as store:
-        index = _open_search_index(store, index_kind, rebuild_index)
+        index = _open_search_index(store, index_kind, rebuild_index, target_recall)
         if image_id is not None:
             query = query_from_id(store, image_id)
         else:
@@ -405,7 +410,7 @@ RETRIEVAL_COLUMNS = ("precision", "map", "map_retrieved", "acc", "majority_vote"
 @output_format_option
 @user_errors
 def evaluate_retrieval(store_path, ks, scheme, query_split, database_splits, exclude_group,
-                       index_kind, rebuild_index, ties, output_format):
+                       index_kind, rebuild_index, target_recall, ties, output_format):
     """Measure retrieval: every test image queries the train images (Mahbod et al. 2024).
 
     Reports, per k, overall and per class: precision@k, mAP@k (two
@@ -424,7 +429,7 @@ def evaluate_retrieval(store_path, ks, scheme, query_split, database_splits, exc
     from .store import Store
 
     with Store.open(store_path) as store:
-        index = _open_search_index(store, index_kind, rebuild_index)
+        index = _open_search_index(store, index_kind, rebuild_index, target_recall)
         evaluation = run_evaluation(
             store, scheme=scheme, ks=ks, exclude_group=exclude_group, index=index,
             query_split=query_split,

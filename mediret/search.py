@@ -73,6 +73,8 @@ HNSW_EF_CONSTRUCTION = 200
 HNSW_EF_SEARCH = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # steps of ~1.5x
 HNSW_TARGET_RECALL = 0.99
 IVF_TARGET_RECALL = 0.95
+TARGET_RECALL = {"hnsw": HNSW_TARGET_RECALL, "ivf-pq": IVF_TARGET_RECALL}  # defaults, per kind
+EF_REFINE = 8  # between two grid values, efSearch is narrowed down in steps of this
 IVF_REFINE_FACTORS = (10, 20, 50, 100, 200)  # PQ shortlist = max(factor * k, REFINE_MIN) ids
 IVF_TRAIN_PER_LIST = 64  # k-means training sample: at most this many vectors per inverted list
 REFINE_MIN = 100
@@ -367,8 +369,13 @@ def _faiss_threads(n: int) -> Iterator[None]:
         faiss.omp_set_num_threads(before)
 
 
-def open_index(store: Store, kind: str = "exact", rebuild: bool = False) -> SearchIndex:
-    """The store's index of ``kind``: exact, or an approximate one from cache or freshly built."""
+def open_index(store: Store, kind: str = "exact", rebuild: bool = False,
+               target_recall: float | None = None) -> SearchIndex:
+    """The store's index of ``kind``: exact, or an approximate one from cache or freshly built.
+
+    target_recall: the recall@10 against exact search its knobs are tuned to (default
+        ``TARGET_RECALL[kind]``); a cached index tuned to another target is rebuilt.
+    """
     if kind not in INDEX_KINDS:
         raise SearchError(f"unknown index kind '{kind}'; choose from {', '.join(INDEX_KINDS)}")
     if store.index.ntotal == 0:
@@ -382,14 +389,15 @@ def open_index(store: Store, kind: str = "exact", rebuild: bool = False) -> Sear
     if not rebuild and index_path.is_file() and meta_path.is_file():
         try:
             meta = json.loads(meta_path.read_text())
-            if meta.get("fingerprint") == fingerprint:
+            target = target_recall or TARGET_RECALL[kind]
+            if meta.get("fingerprint") == fingerprint and meta["params"].get("target_recall") == target:
                 return SearchIndex(kind, faiss.read_index(str(index_path)), store.index,
                                    params=meta["params"],
                                    recall={int(k): v for k, v in meta["recall"].items()},
                                    cache_file=index_path.name)
         except (OSError, ValueError, KeyError, RuntimeError):
             pass  # unreadable or stale cache: rebuild below
-    built = build_index(store, kind)
+    built = build_index(store, kind, target_recall=target_recall)
     try:
         _write_atomic(index_path, lambda tmp: faiss.write_index(built.index, str(tmp)))
         _write_atomic(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(
@@ -402,14 +410,14 @@ def open_index(store: Store, kind: str = "exact", rebuild: bool = False) -> Sear
     return built
 
 
-def build_index(store: Store, kind: str, seed: int = 0) -> SearchIndex:
+def build_index(store: Store, kind: str, seed: int = 0, target_recall: float | None = None) -> SearchIndex:
     """Build an approximate index from the store's vectors, tune it and measure its recall."""
     ids = _stored_ids(store)
-    return build_from_vectors(kind, store.vectors(ids), ids, store.index, seed)
+    return build_from_vectors(kind, store.vectors(ids), ids, store.index, seed, target_recall)
 
 
 def build_from_vectors(kind: str, vectors: np.ndarray, ids: np.ndarray, exact: Any,
-                       seed: int = 0) -> SearchIndex:
+                       seed: int = 0, target_recall: float | None = None) -> SearchIndex:
     """An approximate index of ``kind`` over ``vectors`` / ``ids`` (those of the exact index
     ``exact``), tuned with one sample of the vectors as queries, its recall measured on another."""
     import faiss
@@ -435,6 +443,10 @@ def build_from_vectors(kind: str, vectors: np.ndarray, ids: np.ndarray, exact: A
                   "train_points": min(n, nlist * IVF_TRAIN_PER_LIST)}
     else:
         raise SearchError(f"cannot build an index of kind '{kind}'; choose hnsw or ivf-pq")
+    target = target_recall or TARGET_RECALL[kind]
+    if not 0 < target <= 1:
+        raise SearchError(f"target recall must be in (0, 1], got {target}")
+    params["target_recall"] = target
     built = SearchIndex(kind, index, exact, params=params)
     tune, held_out = _recall_sample(n, seed)
     truth = _exact_scores(built, vectors[tune], 10)
@@ -449,20 +461,30 @@ def build_from_vectors(kind: str, vectors: np.ndarray, ids: np.ndarray, exact: A
 
 def _tune_hnsw(index: SearchIndex, queries: np.ndarray, query_ids: np.ndarray, vectors: np.ndarray,
                ids: np.ndarray, truth: np.ndarray) -> None:
-    """efSearch: the smallest reaching HNSW_TARGET_RECALL, else the smallest within 0.01 of the best."""
+    """efSearch: the smallest reaching the target recall (on the grid HNSW_EF_SEARCH, then
+    narrowed in steps of EF_REFINE below the first grid value that reaches it), else the
+    smallest within 0.01 of the best recall seen."""
+    target = index.params["target_recall"]
     seen: dict[int, float] = {}
+    previous = None
     for ef in HNSW_EF_SEARCH:
         index.params["efSearch"] = ef
         seen[ef] = _recall10(index, queries, query_ids, vectors, ids, truth)[0]
-        if seen[ef] >= HNSW_TARGET_RECALL:
+        if seen[ef] >= target:
+            for between in range(previous + EF_REFINE, ef, EF_REFINE) if previous else ():
+                index.params["efSearch"] = between
+                if _recall10(index, queries, query_ids, vectors, ids, truth)[0] >= target:
+                    return
+            index.params["efSearch"] = ef
             return
+        previous = ef
     best = max(seen.values())
     index.params["efSearch"] = min(ef for ef, r in seen.items() if r >= best - 0.01)
 
 
 def _tune_ivf_pq(index: SearchIndex, queries: np.ndarray, query_ids: np.ndarray, vectors: np.ndarray,
                  ids: np.ndarray, truth: np.ndarray) -> None:
-    """(nprobe, refine_factor) reaching IVF_TARGET_RECALL in the least measured search time.
+    """(nprobe, refine_factor) reaching the target recall in the least measured search time.
 
     Recall grows with both knobs. For each shortlist factor (ascending) the nprobe
     sweep stops at the first power of two reaching the target, or when recall stops
@@ -471,7 +493,7 @@ def _tune_ivf_pq(index: SearchIndex, queries: np.ndarray, query_ids: np.ndarray,
     fastest, timed on the tuning queries, wins; when none does, the cheapest within
     0.01 of the best recall seen.
     """
-    nlist = index.params["nlist"]
+    nlist, target = index.params["nlist"], index.params["target_recall"]
     nprobes = tuple(p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if p < nlist) + (nlist,)
     reached: list[tuple[float, int, int]] = []  # (seconds, nprobe, factor)
     seen: list[tuple[float, int, int]] = []  # (recall, nprobe, factor)
@@ -482,7 +504,7 @@ def _tune_ivf_pq(index: SearchIndex, queries: np.ndarray, query_ids: np.ndarray,
             index.params["nprobe"] = nprobe
             recall, seconds = _recall10(index, queries, query_ids, vectors, ids, truth)
             seen.append((recall, nprobe, factor))
-            if recall >= IVF_TARGET_RECALL:
+            if recall >= target:
                 reached.append((seconds, nprobe, factor))
                 nprobes = tuple(p for p in nprobes if p <= nprobe)
                 break

@@ -459,3 +459,25 @@ def test_few_queries_run_faiss_on_one_thread_and_restore_the_setting(vs):
         faiss.IndexIDMap2.search = original
         faiss.omp_set_num_threads(before)
     assert seen == [1, 2] and after == 2
+
+
+def test_target_recall_tunes_hnsw_and_keys_the_cache(vs, tmp_path):
+    path = tmp_path / "store"
+    shutil.copytree(vs.path, path)
+    with Store.open(path) as store:
+        loose = open_index(store, "hnsw", target_recall=0.8)
+        strict = open_index(store, "hnsw", target_recall=0.995)
+        assert loose.params["target_recall"] == 0.8 and strict.params["target_recall"] == 0.995
+        assert strict.build_seconds is not None  # another target: rebuilt, not the cached one
+        assert loose.params["efSearch"] < strict.params["efSearch"]
+        assert loose.recall[10] >= 0.8 - 0.05 and strict.recall[10] >= 0.98
+        assert open_index(store, "hnsw", target_recall=0.995).build_seconds is None  # cached
+        # a smaller efSearch reaches less: the tuning did not stop early for nothing
+        strict.params["efSearch"] = loose.params["efSearch"]
+        rows = np.random.default_rng(5).choice(len(vs.X), 200, replace=False)
+        from mediret.search import recall_at_k
+
+        assert recall_at_k(strict, vs.X[rows], rows, vs.X, np.arange(len(vs.X)), (10,))[10] < 0.995
+    with pytest.raises(SearchError, match="target recall"):
+        with Store.open(path) as store:
+            search_module.build_index(store, "hnsw", target_recall=1.5)
