@@ -104,9 +104,8 @@ def cli():
               help="Dataset layout; detected from the files when omitted "
                    "(ham10000, odir, pad-ufes-20, medmnist, cbis-ddsm, chexpert, folder, csv).")
 @click.option("--batch-size", "-b", default=32, show_default=True, type=click.IntRange(1))
-@click.option("--workers", default=None, type=click.IntRange(0),
-              help="Decoding threads running beside the encoder (0: decode inline). Default: 0 when "
-                   "the encoder's CPU threads use every core (threads beside it only slow it), else 2.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(0),
+              help="Decoding threads running beside the encoder (0: decode inline).")
 @click.option("--threads", default=None, type=click.IntRange(1),
               help="Torch threads for the encoder (default: torch's own choice).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the train/test splits.")

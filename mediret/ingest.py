@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -134,22 +133,6 @@ def prepared_stream(records: Iterable[ImageRecord], preprocess: Callable, worker
             yield window.popleft().result()
 
 
-def default_workers(encoder) -> int:
-    """Decoding threads for ``encoder``: 2, or 0 (decode inline, between batches) when the
-    encoder runs on the CPU with as many torch threads as there are cores.
-
-    Then the forward pass keeps every core busy and decode threads beside it only
-    slow it down: on 2 cores, EfficientNet-Lite0 ingested 193 img/s decoding inline
-    against 187 / 184 / 182 with 1 / 2 / 3 threads (BENCHMARKS.md).
-    """
-    import torch
-
-    if not str(getattr(encoder, "device", "cpu")).startswith("cpu"):
-        return 2
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return 0 if torch.get_num_threads() >= cores else 2
-
-
 def _batches(items: Iterator[_Prepared], size: int) -> Iterator[list[_Prepared]]:
     batch: list[_Prepared] = []
     for item in items:
@@ -210,7 +193,7 @@ def assign_splits(store: Store, seed: int, test_fraction: float) -> None:
 
 
 def ingest(scan: DatasetScan, store_path: str | Path, encoder, *, batch_size: int = 32,
-           workers: int | None = None, seed: int = 0, test_fraction: float = 0.2,
+           workers: int = 2, seed: int = 0, test_fraction: float = 0.2,
            commit_every: int = 1024, progress: bool = True, limit: int | None = None) -> IngestReport:
     """Embed the records of ``scan`` with ``encoder`` and add them to the store.
 
@@ -219,7 +202,7 @@ def ingest(scan: DatasetScan, store_path: str | Path, encoder, *, batch_size: in
     forward pass. Work is committed every ``commit_every`` images, so an
     interrupted ingest loses at most that much. ``limit`` ingests only the first
     N new records (for trials). ``workers``: decoding threads beside the forward
-    pass; None chooses with ``default_workers``.
+    pass (0: decode inline, between batches).
     """
     from tqdm import tqdm
 
@@ -244,7 +227,6 @@ def ingest(scan: DatasetScan, store_path: str | Path, encoder, *, batch_size: in
         if limit is not None:
             todo = todo[:limit]
         known = store.hashes()
-        workers = default_workers(encoder) if workers is None else workers
         stream = prepared_stream(todo, encoder.preprocess, workers, dict(known),
                                  prefetch=max(2 * batch_size, 4 * workers))
         since_commit = 0

@@ -4,8 +4,8 @@
 On the same real HAM10000 images (a seeded sample of the metadata rows, as a
 DatasetScan limited to them), in one run:
 
-- **ingest**: ``mediret.ingest.ingest`` with its defaults (batch 32, decode
-  workers by ``default_workers``: 0 on a CPU whose cores the forward fills) into a fresh temporary store, with the default (optimized) encoder;
+- **ingest**: ``mediret.ingest.ingest`` with its defaults (batch 32, 2 decode
+  workers) into a fresh temporary store, with the default (optimized) encoder;
 - **naive** (in a fresh process, without mediret's allocator setting): for each image, PIL open, the encoder's transform, the plain eager
   model (``optimize=False``) on that one image, ``add_with_ids`` of its vector to
   a FAISS IndexIDMap2(IndexFlatIP), and one autocommitted DuckDB INSERT (the
@@ -56,8 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--encoder", default="efficientnet-lite0")
     parser.add_argument("--weights", default=None, help="weights file (default: the encoder's own)")
     parser.add_argument("--batch-size", type=int, default=32, help="ingest's default")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="decode threads (default: ingest's own choice, mediret.ingest.default_workers)")
+    parser.add_argument("--workers", type=int, default=2, help="decode threads (ingest's default)")
     parser.add_argument("--repeat", type=int, default=2, help="timed ingest and bare passes (fastest counts)")
     parser.add_argument("--sweep-workers", default="",
                         help="also time ingest with each of these decode-thread counts (e.g. 0,1,2,3), "
@@ -78,12 +77,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.rss_sizes == "1000,8013":
             args.rss_sizes = "100,300"
     return args
-
-
-def workers_used(args, encoder) -> int:
-    from mediret.ingest import default_workers
-
-    return default_workers(encoder) if args.workers is None else args.workers
 
 
 def load(args, optimize: bool = True):
@@ -148,7 +141,7 @@ def speed(args) -> tuple[list[dict], list[dict], dict]:
     records = scan.records
     encoder = load(args)
     print(f"{len(records)} HAM10000 images; encoder {encoder.name} ({encoder.preprocess.name}); "
-          f"batch {args.batch_size}, {workers_used(args, encoder)} decode workers, torch threads {torch.get_num_threads()}\n",
+          f"batch {args.batch_size}, {args.workers} decode workers, torch threads {torch.get_num_threads()}\n",
           flush=True)
     started = time.perf_counter()  # not a contender: the bare forward's input, and the decode cost alone
     batch = torch.stack([encoder.preprocess.load(r.source) for r in records])
@@ -180,7 +173,7 @@ def speed(args) -> tuple[list[dict], list[dict], dict]:
     naive_ips = len(naive_records) / naive_seconds
     rows = [
         {"contender": "mediret ingest (optimized encoder, batch %d, %d workers)" % (args.batch_size,
-                                                                                  workers_used(args, encoder)),
+                                                                                  args.workers),
          "images": n, "seconds": _bench.best(times["ingest"]), "img/s": ingest_ips, "ingest / this": 1.0},
         {"contender": "bare forward (optimized, preprocessed tensors in memory, batch %d)" % args.batch_size,
          "images": n, "seconds": _bench.best(times["bare"]), "img/s": bare_ips, "ingest / this": ingest_ips / bare_ips},
@@ -278,9 +271,7 @@ def peak_rss(sizes: list[int], args) -> tuple[list[dict], list[dict]]:
             store = args.keep_store if size == keep_size else Path(tmp) / "store"
             command = [sys.executable, __file__, "--child", str(size), "--child-store", str(store),
                        "--encoder", args.encoder, "--batch-size", str(args.batch_size),
-                       "--seed", str(args.seed)]
-            if args.workers is not None:
-                command += ["--workers", str(args.workers)]
+                       "--workers", str(args.workers), "--seed", str(args.seed)]
             if args.weights:
                 command += ["--weights", args.weights]
             started = time.perf_counter()
