@@ -9,7 +9,8 @@ export PATH="$PWD/.venv/bin:$PATH"
 
 DATA=${MEDIRET_DATA:-../shared/data}
 STORE=${MEDIRET_DEMO_STORE:-indexes/demo-pad-ufes-20}
-QUERY=$(ls "$DATA"/pad-ufes-20/images/*.png | head -n 1)
+IMAGES=("$DATA"/pad-ufes-20/images/*.png)  # a glob, not `ls | head`: head closing the pipe
+QUERY=${IMAGES[0]}                          # early kills ls with SIGPIPE, which pipefail makes fatal
 
 step() { printf '\n=== %s\n$ %s\n' "$1" "${*:2}"; "${@:2}"; }
 
