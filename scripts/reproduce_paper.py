@@ -39,6 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--indexes", type=Path, default=ROOT / "indexes", help="where stores go")
     parser.add_argument("--encoder", default="efficientnet-lite0")
     parser.add_argument("--weights", default=None, help="encoder weights file (default: its own)")
+    parser.add_argument("--precision", choices=("fp32", "auto"), default="fp32",
+                        help="encoder arithmetic for new stores (RESULTS.md was made in fp32; auto may "
+                             "use bf16, see README)")
     parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated")
     parser.add_argument("--clf", default="lr,svm,knn", help="comma-separated: lr,svm,linearsvc,knn")
     parser.add_argument("--splits", default="random,group", help="comma-separated")
@@ -83,7 +86,7 @@ def ensure_store(name: str, args) -> Path:
     scan = read_dataset(args.data / DATASETS[name], name)
     if args.limit:
         scan = subset(scan, args.limit, args.seed)
-    encoder = load_encoder(args.encoder, weights=args.weights)
+    encoder = load_encoder(args.encoder, weights=args.weights, precision=args.precision)
     log(f"{name}: {len(scan.records)} images -> {store}")
     report = ingest(scan, store, encoder, seed=args.seed, progress=sys.stderr.isatty())
     log(f"{name}: {report.added} added, {report.already_stored} already stored, "

@@ -31,7 +31,8 @@ DATASETS = {  # name in ../shared/data -> split scheme used
 MAHBOD = [("ResNet50 (ImageNet)", 86.29, 82.85), ("BiomedCLIP", 88.26, 85.74)]
 
 
-def ensure_store(dataset: str, encoder_name: str, weights: str | None, data: Path) -> Path:
+def ensure_store(dataset: str, encoder_name: str, weights: str | None, data: Path,
+                 precision: str = "fp32") -> Path:
     from mediret.datasets import read_dataset
     from mediret.encoders import load_encoder
     from mediret.ingest import ingest
@@ -45,7 +46,7 @@ def ensure_store(dataset: str, encoder_name: str, weights: str | None, data: Pat
                 len(scan.records) and store.split_schemes()
         if complete:
             return path
-    encoder = load_encoder(encoder_name, weights=weights)
+    encoder = load_encoder(encoder_name, weights=weights, precision=precision)
     report = ingest(scan, path, encoder, progress=True)
     print(f"ingested {dataset}: {report.added} added in {report.seconds:.0f} s", file=sys.stderr)
     return path
@@ -55,6 +56,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--encoder", default="efficientnet-lite0")
     parser.add_argument("--weights", default=None)
+    parser.add_argument("--precision", choices=("fp32", "auto"), default="fp32",
+                        help="encoder arithmetic for new stores (RESULTS.md was made in fp32; auto may "
+                             "use bf16, see README)")
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--json", type=Path, default=None, help="Also write every number here.")
     args = parser.parse_args()
@@ -64,7 +68,7 @@ def main() -> None:
 
     rows, dumps = [], {}
     for dataset, scheme in DATASETS.items():
-        path = ensure_store(dataset, args.encoder, args.weights, args.data)
+        path = ensure_store(dataset, args.encoder, args.weights, args.data, args.precision)
         with Store.open(path) as store:
             result = evaluate_retrieval(store, scheme=scheme, ks=(1, 3, 5, 10))
         m = {r.k: r for r in result.metrics.overall}
