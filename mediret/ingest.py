@@ -252,7 +252,8 @@ def ingest(scan: DatasetScan, store_path: str | Path, encoder, *, batch_size: in
     finally:
         store.close()
     report.seconds = time.perf_counter() - started
-    report.precision = getattr(encoder, "precision", "")
+    precision = getattr(encoder, "precision", "")
+    report.precision = "" if precision.startswith("pending") else precision  # nothing was embedded
     return report
 
 
