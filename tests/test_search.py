@@ -481,3 +481,16 @@ def test_target_recall_tunes_hnsw_and_keys_the_cache(vs, tmp_path):
     with pytest.raises(SearchError, match="target recall"):
         with Store.open(path) as store:
             search_module.build_index(store, "hnsw", target_recall=1.5)
+
+
+def test_cli_target_recall_reaches_the_index(vs, tmp_path):
+    path = tmp_path / "store"
+    shutil.copytree(vs.path, path)
+    result = CliRunner().invoke(cli, ["search", "--id", vs.rows[0]["image_id"], "-k", "3", "--store", str(path),
+                                      "--index", "hnsw", "--target-recall", "0.9", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert "target_recall=0.9" in result.stderr and "built hnsw index" in result.stderr
+    assert json.loads((path / "seeded-test.hnsw.json").read_text())["params"]["target_recall"] == 0.9
+    bad = CliRunner().invoke(cli, ["search", "--id", vs.rows[0]["image_id"], "--store", str(path),
+                                   "--index", "hnsw", "--target-recall", "1.5"])
+    assert bad.exit_code == 2 and "1.5" in bad.output
