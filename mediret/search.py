@@ -219,7 +219,7 @@ class SearchIndex:
     recall: dict[int, float] = field(default_factory=dict)
     build_seconds: float | None = None
     cache_file: str | None = None
-    _flat: tuple[None, np.ndarray, bool] | None = field(default=None, repr=False)  # (-, row ids, ascending)
+    _id_map: tuple[np.ndarray, np.ndarray | None] | None = field(default=None, repr=False)  # see _flat_view
 
     @property
     def ntotal(self) -> int:
@@ -236,16 +236,16 @@ class SearchIndex:
         kind = kind or self.kind
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         selection = selection or Selection()
-        if len(queries) <= SMALL_BATCH and faiss.omp_get_max_threads() > 1:
+        few = len(queries) <= SMALL_BATCH
+        view = self._flat_view() if kind == "exact" and few else None
+        if view is not None:
+            return self._search_blas(queries, k, selection, *view)
+        if few and faiss.omp_get_max_threads() > 1:
             # FAISS splits a search over queries; with a few of them, extra OpenMP threads only
             # add start-up and spinning (IVF-PQ at 1M: 418 q/s on 1 thread, 122 on 2)
             with _faiss_threads(1):
                 return self.search(queries, k, selection, kind)
         sel, keep_alive = selection.faiss_selector()
-        view = self._flat_view() if kind == "exact" and len(queries) <= SMALL_BATCH else None
-        if view is not None:
-            del keep_alive
-            return self._search_blas(queries, k, selection, view)
         if kind == "exact":
             params = faiss.SearchParameters(sel=sel) if sel is not None else None
             scores, ids = self.exact.search(queries, k, params=params)
@@ -262,12 +262,13 @@ class SearchIndex:
         scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
         return scores, ids
 
-    def _flat_view(self) -> tuple[np.ndarray, np.ndarray, bool] | None:
-        """(vectors (n, d) viewing the flat index's memory, row -> id, ids ascending), or None.
+    def _flat_view(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+        """(vectors (n, d) viewing the flat index's memory, row -> id, id sort order), or None.
 
-        None when the exact index is not an ``IndexIDMap`` over an ``IndexFlat``. The
-        view is taken afresh on each call (adding vectors may move FAISS's buffer);
-        the id map is cached while the index size stays the same.
+        The sort order is None when the ids are ascending (``_rows_of``). None when the
+        exact index is not an ``IndexIDMap`` over an ``IndexFlat``. The view is taken
+        afresh on each call (adding vectors may move FAISS's buffer); the id map is
+        cached while the index size stays the same.
         """
         import faiss
 
@@ -277,41 +278,26 @@ class SearchIndex:
         flat = faiss.downcast_index(self.exact.index)
         if not isinstance(flat, faiss.IndexFlat):
             return None
-        if self._flat is None or len(self._flat[1]) != n:
+        if self._id_map is None or len(self._id_map[0]) != n:
             row_ids = faiss.vector_to_array(self.exact.id_map).astype(np.int64)
-            self._flat = (None, row_ids, bool(np.all(row_ids[1:] > row_ids[:-1])))
-        _, row_ids, ascending = self._flat
-        return faiss.rev_swig_ptr(flat.get_xb(), n * flat.d).reshape(n, flat.d), row_ids, ascending
+            self._id_map = (row_ids, _sort_order(row_ids))
+        return faiss.rev_swig_ptr(flat.get_xb(), n * flat.d).reshape(n, flat.d), *self._id_map
 
-    def _rows_of(self, ids: np.ndarray) -> np.ndarray:
-        """Row numbers of the stored ``ids`` (ids not stored are dropped)."""
-        _, row_ids, ascending = self._flat
-        if ascending:
-            order = None
-            rows = np.searchsorted(row_ids, ids)
-        else:
-            order = np.argsort(row_ids, kind="stable")
-            rows = np.searchsorted(row_ids, ids, sorter=order)
-        rows = np.minimum(rows, len(row_ids) - 1)
-        rows = rows if order is None else order[rows]
-        return rows[row_ids[rows] == ids]
-
-    def _search_blas(self, queries: np.ndarray, k: int, selection: Selection,
-                     view: tuple[np.ndarray, np.ndarray, bool]) -> tuple[np.ndarray, np.ndarray]:
+    def _search_blas(self, queries: np.ndarray, k: int, selection: Selection, vectors: np.ndarray,
+                     row_ids: np.ndarray, order: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k by ``vectors @ queries.T`` on the index's own memory; same contract as ``search``."""
-        vectors, row_ids, _ = view
         n = len(row_ids)
         candidates = None  # rows that may be returned; None: all
         if selection.allowed is not None:
-            candidates = self._rows_of(np.setdiff1d(selection.allowed, selection.excluded))
+            candidates = _rows_of(row_ids, order, np.setdiff1d(selection.allowed, selection.excluded))
         if candidates is not None and len(candidates) < GATHER_FRACTION * n:
             scores = vectors[candidates] @ queries.T  # (c, Q): reads only the allowed vectors
         else:
             scores = vectors @ queries.T  # (n, Q): one pass over the index
             if candidates is not None:
-                scores, candidates = scores[candidates], candidates
+                scores = scores[candidates]
             elif len(selection.excluded):
-                scores[self._rows_of(np.asarray(selection.excluded, dtype=np.int64))] = -np.inf
+                scores[_rows_of(row_ids, order, np.asarray(selection.excluded, dtype=np.int64))] = -np.inf
         out_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
         out_ids = np.full((len(queries), k), -1, dtype=np.int64)
         kk = min(k, len(scores))
@@ -321,8 +307,8 @@ class SearchIndex:
             column = scores[:, q]
             top = np.argpartition(-column, kk - 1)[:kk] if kk < len(column) else np.arange(len(column))
             rows = top if candidates is None else candidates[top]
-            order = np.lexsort((row_ids[rows], -column[top]))  # best first, ties by id
-            top, rows = top[order], rows[order]
+            order_q = np.lexsort((row_ids[rows], -column[top]))  # best first, ties by id
+            top, rows = top[order_q], rows[order_q]
             keep = np.isfinite(column[top])
             out_scores[q, :keep.sum()] = column[top][keep]
             out_ids[q, :keep.sum()] = row_ids[rows][keep]
@@ -335,8 +321,8 @@ class SearchIndex:
         params = faiss.SearchParametersIVF(nprobe=self.params["nprobe"])
         if sel is not None:
             params.sel = sel
-        factor = self.params.get("refine_factor", IVF_REFINE_FACTORS[0])  # caches from before the knob
-        _, shortlist = self.index.search(queries, max(factor * k, REFINE_MIN), params=params)
+        shortlist_size = max(self.params["refine_factor"] * k, REFINE_MIN)
+        _, shortlist = self.index.search(queries, shortlist_size, params=params)
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
         ids = np.full((len(queries), k), -1, dtype=np.int64)
         for q, candidates in enumerate(shortlist):
@@ -355,6 +341,19 @@ class SearchIndex:
                 "built_seconds": (None if self.build_seconds is None
                                   else round(self.build_seconds, 2)),
                 "cache_file": self.cache_file}
+
+
+def _sort_order(ids: np.ndarray) -> np.ndarray | None:
+    """None when ``ids`` are strictly ascending, else the permutation that sorts them."""
+    return None if bool(np.all(ids[1:] > ids[:-1])) else np.argsort(ids, kind="stable")
+
+
+def _rows_of(ids: np.ndarray, order: np.ndarray | None, wanted: np.ndarray) -> np.ndarray:
+    """Positions in ``ids`` (sorted by ``order``, see ``_sort_order``) of the ``wanted`` ids;
+    wanted ids that ``ids`` does not hold are dropped."""
+    rows = np.minimum(np.searchsorted(ids, wanted, sorter=order), len(ids) - 1)
+    rows = rows if order is None else order[rows]
+    return rows[ids[rows] == wanted]
 
 
 @contextmanager
@@ -539,12 +538,12 @@ def _recall10(index: SearchIndex, queries: np.ndarray, query_ids: np.ndarray, ve
 def _recall_from(approx: np.ndarray, k: int, queries: np.ndarray, query_ids: np.ndarray,
                  vectors: np.ndarray, ids: np.ndarray, truth: np.ndarray) -> float:
     """Share of each query's first k hits (own id left out) scoring at least its k-th exact neighbour."""
-    order = np.argsort(ids, kind="stable")
+    order = _sort_order(ids)
     per_query = []
     for q, own in enumerate(query_ids):
         threshold = truth[q][k] - 1e-5  # the query is its own first exact neighbour: the k-th other one is at k
         hits = np.array([i for i in approx[q] if i >= 0 and i != own][:k], dtype=np.int64)
-        rows = order[np.searchsorted(ids, hits, sorter=order)]
+        rows = _rows_of(ids, order, hits)  # every hit is a stored id
         per_query.append(np.sum(vectors[rows] @ queries[q] >= threshold) / k)
     return float(np.mean(per_query))
 
