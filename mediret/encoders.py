@@ -136,8 +136,8 @@ class Encoder:
     model. The first batch runs through both; the bf16 copy is kept only if
     every embedding of that batch has cosine >= ``BF16_MIN_COSINE`` to the fp32
     one, and that batch's fp32 embeddings are returned. Measured on 2 cores
-    (BENCHMARKS.md): CLIP ViT-B/32 3.2x fp32 at cosine 0.99995; EfficientNet-Lite0
-    fails the check (0.994) and stays fp32.
+    (BENCHMARKS.md): CLIP ViT-B/32 (random weights) 3.5x fp32 at cosine 0.99994;
+    EfficientNet-Lite0's real weights fail the check (0.9955) and stay fp32.
     """
 
     def __init__(

@@ -252,8 +252,8 @@ def ingest(scan: DatasetScan, store_path: str | Path, encoder, *, batch_size: in
     finally:
         store.close()
     report.seconds = time.perf_counter() - started
-    precision = getattr(encoder, "precision", "")
-    report.precision = "" if precision.startswith("pending") else precision  # nothing was embedded
+    if report.added > report.duplicates:  # something went through the encoder
+        report.precision = getattr(encoder, "precision", "")
     return report
 
 

@@ -61,6 +61,7 @@ def test_second_ingest_adds_nothing(tmp_path, ham_store, ham_subset, efficientne
     before = faiss.read_index(str(copy / "efficientnet-lite0.faiss")).ntotal
     report = ingest(read_dataset(ham_subset[0]), copy, efficientnet_lite0, progress=False)
     assert report.added == 0 and report.already_stored == len(ham_subset[1]) == before
+    assert report.precision == ""  # nothing went through the encoder, so nothing to report
     with Store.open(copy) as store:
         assert len(store) == store.index.ntotal == before
 
@@ -100,6 +101,7 @@ def test_killed_ingest_resumes_to_the_same_store(tmp_path, ham_store, ham_subset
     report = ingest(read_dataset(ham_subset[0]), store_path, efficientnet_lite0, progress=False)
     assert report.already_stored + report.added == n
     assert report.already_stored >= 16
+    assert report.precision == efficientnet_lite0.precision and report.precision.startswith("fp32")
     with Store.open(store_path) as resumed, Store.open(ham_store) as whole:
         assert len(resumed) == resumed.index.ntotal == n
         order = sorted(whole.image_ids())
