@@ -165,13 +165,7 @@ def ham_scan(n: int | None = None, seed: int = 0, root: Path = HAM10000):
 
 def rss_mib_now() -> float:
     """Current resident set size of this process, MiB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    return _proc_status_mib("VmRSS")
 
 
 def peak_rss_mib() -> float:
@@ -187,9 +181,14 @@ def vm_hwm_mib() -> float:
     Unlike ru_maxrss, it does not inherit the forking parent's RSS (which Linux carries
     into a child's ru_maxrss at exec).
     """
+    return _proc_status_mib("VmHWM")
+
+
+def _proc_status_mib(field: str) -> float:
+    """A kB field of /proc/self/status in MiB; NaN where there is no /proc."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass

@@ -50,7 +50,6 @@ ANN_SPEEDUP_GOAL = 50.0
 ANN_GOAL_N = 1_000_000
 K = 10
 DEFAULT_STORES = ("indexes/bench-ham10000-efficientnet-lite0", "indexes/ham10000-efficientnet-lite0")
-EF_REFINE = 8  # the bench narrows efSearch down to this step between mediret's grid points
 EF_EXTRA = (1024, 2048)  # beyond mediret's own efSearch choices, when those do not reach the target
 
 
@@ -420,7 +419,7 @@ def serialized_bytes(index) -> int:
 
 def ann_part(kind: str, data: Dataset, truth, flat_best: dict, args, out: dict, hnsw_scale: list) -> None:
     """Build ``kind``, sweep its knob, report recall and single-query q/s at the target."""
-    from mediret.search import HNSW_EF_SEARCH
+    from mediret.search import EF_REFINE, HNSW_EF_SEARCH
 
     if kind == "hnsw" and data.n > args.hnsw_max_n:
         if hnsw_scale:
