@@ -12,8 +12,8 @@ Index kinds (:data:`INDEX_KINDS`):
     The store's own ``IndexFlatIP``: every allowed vector is scored. Up to
     ``SMALL_BATCH`` queries are scored by one BLAS matrix product over a
     zero-copy view of the index's vectors (FAISS scans one query on one thread
-    at ~0.55 of the memory-bandwidth bound, and slower with two; multi-threaded
-    sgemv reaches 0.9-1.0 of it: BENCHMARKS.md); larger batches go to FAISS.
+    at 0.41-0.65 of the memory-bandwidth bound, and slower with two; multi-threaded
+    sgemv reaches 0.93-1.04 of it: BENCHMARKS.md); larger batches go to FAISS.
 ``hnsw``
     ``IndexHNSWFlat``, M = 32 links per node, efConstruction = 200. efSearch
     is tuned at build time: the smallest of 16, 24, 32, 48, ..., 512 whose recall@10
