@@ -75,9 +75,17 @@ HNSW_TARGET_RECALL = 0.99
 IVF_TARGET_RECALL = 0.95
 TARGET_RECALL = {"hnsw": HNSW_TARGET_RECALL, "ivf-pq": IVF_TARGET_RECALL}  # defaults, per kind
 EF_REFINE = 8  # between two grid values, efSearch is narrowed down in steps of this
-IVF_REFINE_FACTORS = (10, 20, 50, 100, 200)  # PQ shortlist = max(factor * k, REFINE_MIN) ids
+IVF_REFINE_FACTORS = (10, 20, 30, 50, 100, 200)  # PQ shortlist = max(factor * k, REFINE_MIN) ids
+IVF_NPROBES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 IVF_TRAIN_PER_LIST = 64  # k-means training sample: at most this many vectors per inverted list
+IVF_SUBVECTOR = 4  # dimensions per PQ sub-quantizer
+IVF_NBITS = 4  # bits per sub-quantizer code: FAISS's fast-scan (SIMD) PQ
+IVF_MIN_VECTORS = 10 * 2 ** IVF_NBITS  # 10 training points per PQ code word
+OPQ_ITERATIONS = 20  # FAISS's default is 50; at 1M x 512, 20 took 65 s
+OPQ_TRAIN_POINTS = 65536
+ADD_CHUNK = 65536
 REFINE_MIN = 100
+CACHE_FORMAT = 2  # of the cached approximate indexes; 2: IVF-PQ with OPQ and 4-bit fast-scan codes
 RECALL_KS = (1, 10, 50)
 RECALL_SAMPLE = 1000
 EXACT_FILTER_FRACTION = 0.1
@@ -323,13 +331,18 @@ class SearchIndex:
             params.sel = sel
         shortlist_size = max(self.params["refine_factor"] * k, REFINE_MIN)
         _, shortlist = self.index.search(queries, shortlist_size, params=params)
+        view = self._flat_view()  # gathering rows of it beats reconstruct_batch's per-id lookups
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
         ids = np.full((len(queries), k), -1, dtype=np.int64)
         for q, candidates in enumerate(shortlist):
             candidates = candidates[candidates >= 0]
             if not len(candidates):
                 continue
-            exact = self.exact.reconstruct_batch(candidates) @ queries[q]
+            rows = _rows_of(view[1], view[2], candidates) if view is not None else None
+            if rows is not None and len(rows) == len(candidates):
+                exact = view[0][rows] @ queries[q]
+            else:  # no flat view, or an id the exact index lacks (reconstruct_batch raises)
+                exact = self.exact.reconstruct_batch(candidates) @ queries[q]
             order = np.argsort(-exact, kind="stable")[:k]
             scores[q, :len(order)] = exact[order]
             ids[q, :len(order)] = candidates[order]
@@ -389,7 +402,8 @@ def open_index(store: Store, kind: str = "exact", rebuild: bool = False,
         try:
             meta = json.loads(meta_path.read_text())
             target = target_recall or TARGET_RECALL[kind]
-            if meta.get("fingerprint") == fingerprint and meta["params"].get("target_recall") == target:
+            if (meta.get("format") == CACHE_FORMAT and meta.get("fingerprint") == fingerprint
+                    and meta["params"].get("target_recall") == target):
                 return SearchIndex(kind, faiss.read_index(str(index_path)), store.index,
                                    params=meta["params"],
                                    recall={int(k): v for k, v in meta["recall"].items()},
@@ -400,7 +414,7 @@ def open_index(store: Store, kind: str = "exact", rebuild: bool = False,
     try:
         _write_atomic(index_path, lambda tmp: faiss.write_index(built.index, str(tmp)))
         _write_atomic(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(
-            {"fingerprint": fingerprint, "params": built.params,
+            {"format": CACHE_FORMAT, "fingerprint": fingerprint, "params": built.params,
              "recall": {str(k): v for k, v in built.recall.items()},
              "build_seconds": built.build_seconds}, indent=2)))
         built.cache_file = index_path.name
@@ -430,16 +444,7 @@ def build_from_vectors(kind: str, vectors: np.ndarray, ids: np.ndarray, exact: A
         index.add_with_ids(vectors, ids)
         params = {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION, "efSearch": HNSW_EF_SEARCH[0]}
     elif kind == "ivf-pq":
-        nlist, m, nbits = ivf_pq_shape(n, dim)
-        quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = index.pq.cp.seed = seed
-        index.cp.max_points_per_centroid = IVF_TRAIN_PER_LIST
-        index.pq.cp.min_points_per_centroid = 10  # nbits keeps N >= 10 * 2**nbits
-        index.train(vectors)
-        index.add_with_ids(vectors, ids)
-        params = {"nlist": nlist, "m": m, "nbits": nbits, "nprobe": 1, "refine_factor": IVF_REFINE_FACTORS[0],
-                  "train_points": min(n, nlist * IVF_TRAIN_PER_LIST)}
+        index, params = _build_ivf_pq(vectors, ids, seed)
     else:
         raise SearchError(f"cannot build an index of kind '{kind}'; choose hnsw or ivf-pq")
     target = target_recall or TARGET_RECALL[kind]
@@ -456,6 +461,36 @@ def build_from_vectors(kind: str, vectors: np.ndarray, ids: np.ndarray, exact: A
     built.recall = recall_at_k(built, vectors[held_out], ids[held_out], vectors, ids, RECALL_KS)
     built.build_seconds = time.perf_counter() - started
     return built
+
+
+def _build_ivf_pq(vectors: np.ndarray, ids: np.ndarray, seed: int) -> tuple[Any, dict[str, Any]]:
+    """OPQ rotation, then IVF over spherical k-means lists, then 4-bit fast-scan PQ of the
+    residuals (see the module docstring), trained on one seeded sample and filled in chunks."""
+    import faiss
+
+    n, dim = vectors.shape
+    if n < IVF_MIN_VECTORS:
+        raise SearchError(f"an ivf-pq index needs at least {IVF_MIN_VECTORS} vectors, the store holds {n}; "
+                          "exact search over so few is already instant")
+    nlist, m, nbits = ivf_pq_shape(n, dim)
+    sample = np.random.default_rng(seed).permutation(n)[:min(n, nlist * IVF_TRAIN_PER_LIST)]
+    train = vectors[np.sort(sample)]
+    opq = faiss.OPQMatrix(dim, m)
+    opq_pq = faiss.ProductQuantizer(dim, m, nbits)  # rotate for the very codes the index stores
+    opq_pq.cp.min_points_per_centroid = 10  # IVF_MIN_VECTORS keeps N >= 10 * 2**nbits
+    opq.pq, opq.niter, opq.max_train_points = opq_pq, OPQ_ITERATIONS, OPQ_TRAIN_POINTS
+    ivf = faiss.IndexIVFPQFastScan(faiss.IndexFlatIP(dim), dim, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
+    ivf.by_residual = True
+    ivf.cp.seed = ivf.pq.cp.seed = opq_pq.cp.seed = seed
+    ivf.pq.cp.min_points_per_centroid = 10
+    index = faiss.IndexPreTransform(opq, ivf)
+    index.train(train)
+    opq.pq = None  # opq_pq was only for training; the written index must not point at it
+    for start in range(0, n, ADD_CHUNK):  # each chunk is rotated on its own: no rotated copy of all N
+        index.add_with_ids(vectors[start:start + ADD_CHUNK], ids[start:start + ADD_CHUNK])
+    params = {"nlist": nlist, "m": m, "nbits": nbits, "opq": True, "nprobe": 1,
+              "refine_factor": IVF_REFINE_FACTORS[0], "train_points": len(train)}
+    return index, params
 
 
 def _tune_hnsw(index: SearchIndex, queries: np.ndarray, query_ids: np.ndarray, vectors: np.ndarray,
@@ -493,7 +528,7 @@ def _tune_ivf_pq(index: SearchIndex, queries: np.ndarray, query_ids: np.ndarray,
     0.01 of the best recall seen.
     """
     nlist, target = index.params["nlist"], index.params["target_recall"]
-    nprobes = tuple(p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if p < nlist) + (nlist,)
+    nprobes = tuple(p for p in IVF_NPROBES if p < nlist) + (nlist,)
     reached: list[tuple[float, int, int]] = []  # (seconds, nprobe, factor)
     seen: list[tuple[float, int, int]] = []  # (recall, nprobe, factor)
     for factor in IVF_REFINE_FACTORS:
@@ -552,9 +587,8 @@ def ivf_pq_shape(n: int, dim: int) -> tuple[int, int, int]:
     """(nlist, m, nbits) for N vectors of ``dim`` (see the module docstring)."""
     nlist = max(1, min(round(4 * math.sqrt(n)), n // 39))
     divisors = [d for d in range(1, dim + 1) if dim % d == 0]
-    m = min(divisors, key=lambda d: (abs(d - max(dim / 16, 16)), d))
-    nbits = max(1, min(8, int(math.log2(max(n / 10, 2)))))
-    return nlist, m, nbits
+    m = min(divisors, key=lambda d: (abs(d - dim / IVF_SUBVECTOR), d))
+    return nlist, m, IVF_NBITS
 
 
 def recall_at_k(index: SearchIndex, queries: np.ndarray, query_ids: np.ndarray,

@@ -175,6 +175,13 @@ def test_approximate_indexes_recall_and_cache(vs, tmp_path):
             assert (path / f"seeded-test.{kind}.faiss").is_file()
         params = open_index(store, "ivf-pq").params
         assert 32 % params["m"] == 0 and 1 <= params["nprobe"] <= params["nlist"] <= len(vs.X) // 39
+        assert params["opq"] and params["nbits"] == 4
+    meta_path = path / "seeded-test.ivf-pq.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "format": 1}))  # a cache of the older IVF-PQ layout
+    with Store.open(path) as store:
+        assert open_index(store, "ivf-pq").build_seconds is not None  # rebuilt, not read
+        assert json.loads(meta_path.read_text())["format"] == search_module.CACHE_FORMAT
         assert open_index(store, "hnsw").params["M"] == 32
     with Store.open(path, read_only=False) as store:  # one more vector: caches are stale
         store.add([ImageRecord("extra", "extra.jpg", ("nv",))], vs.X[:1])
@@ -197,11 +204,24 @@ def test_restrictive_filter_on_hnsw_is_ranked_exactly(vs, tmp_path):
 
 
 def test_ivf_pq_shape_fits_faiss_constraints():
-    for n, dim in ((8013, 1280), (5030, 512), (686, 2048), (120, 192), (50, 1000)):
+    for n, dim in ((8013, 1280), (5030, 512), (686, 2048), (160, 192), (1000, 30)):
         nlist, m, nbits = search_module.ivf_pq_shape(n, dim)
-        assert dim % m == 0 and 1 <= nlist <= max(1, n // 39) and 1 <= nbits <= 8
-        assert 2 ** nbits * 10 <= max(n, 20)
-    assert search_module.ivf_pq_shape(8013, 1280) == (205, 80, 8)
+        assert dim % m == 0 and 1 <= nlist <= max(1, n // 39) and nbits == 4
+    assert search_module.ivf_pq_shape(8013, 1280) == (205, 320, 4)  # 4-d sub-vectors
+    assert search_module.ivf_pq_shape(1_000_000, 512) == (4000, 128, 4)
+    assert search_module.ivf_pq_shape(1000, 30)[1] == 6  # 30 / 4 = 7.5: the nearest divisor, 5-d
+
+
+def test_ivf_pq_refuses_a_store_too_small_to_train_its_codes():
+    import faiss
+
+    from mediret.search import IVF_MIN_VECTORS, build_from_vectors
+
+    X = np.eye(IVF_MIN_VECTORS - 1, 8 * 4, dtype=np.float32)
+    exact = faiss.IndexIDMap2(faiss.IndexFlatIP(X.shape[1]))
+    exact.add_with_ids(X, np.arange(len(X), dtype=np.int64))
+    with pytest.raises(SearchError, match=f"at least {IVF_MIN_VECTORS} vectors, the store holds {len(X)}"):
+        build_from_vectors("ivf-pq", X, np.arange(len(X), dtype=np.int64), exact)
 
 
 # ---- contact sheet ---------------------------------------------------------------------
