@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 
 import numpy as np
@@ -514,3 +515,56 @@ def test_cli_target_recall_reaches_the_index(vs, tmp_path):
     bad = CliRunner().invoke(cli, ["search", "--id", vs.rows[0]["image_id"], "--store", str(path),
                                    "--index", "hnsw", "--target-recall", "1.5"])
     assert bad.exit_code == 2 and "1.5" in bad.output
+
+
+def test_tuning_asks_the_target_of_the_recall_minus_its_standard_error(monkeypatch):
+    """A setting whose mean recall just reaches the target, but not with one standard error to
+    spare, is not taken: it would fall under the target on other queries."""
+    from mediret.search import SearchIndex, _tune_hnsw, _tune_ivf_pq
+
+    def fake_recall(mean_of):
+        def recall10(index, *args):
+            mean = mean_of(index.params)
+            return mean, mean - 0.01, 1.0 / index.params.get("nprobe", 1)  # more nprobe: slower
+        return recall10
+
+    monkeypatch.setattr(search_module, "_recall10", fake_recall(lambda p: 0.9 + 0.016 * math.log2(p["nprobe"])))
+    ivf = SearchIndex("ivf-pq", None, None, params={"nlist": 100, "target_recall": 0.95})
+    _tune_ivf_pq(ivf, *[None] * 5)
+    # mean 0.946 / 0.957 / 0.964 at nprobe 8 / 12 / 16: 12 reaches 0.95 on the mean, 16 with the margin
+    assert ivf.params["nprobe"] == 16
+    monkeypatch.setattr(search_module, "_recall10", fake_recall(lambda p: 0.95 + p["efSearch"] / 1000))
+    hnsw = SearchIndex("hnsw", None, None, params={"target_recall": 0.985})
+    _tune_hnsw(hnsw, *[None] * 5)
+    # mean 0.982 / 0.990 / 0.998 at efSearch 32 / 40 / 48: 40 reaches 0.985 on the mean, 48 with the margin
+    assert hnsw.params["efSearch"] == 48
+
+
+def test_recall10_reports_the_mean_and_the_mean_minus_its_standard_error(vs):
+    """On the real-id store's vectors, with an HNSW index at a small efSearch (so recall varies
+    between queries), against a per-query count made here with numpy."""
+    import faiss
+
+    from mediret.search import SearchIndex, _exact_scores, _recall10
+
+    X = vs.X.astype(np.float32)
+    ids = np.arange(len(X), dtype=np.int64)
+    exact = faiss.IndexIDMap2(faiss.IndexFlatIP(X.shape[1]))
+    exact.add_with_ids(X, ids)
+    hnsw = faiss.IndexHNSWFlat(X.shape[1], 4, faiss.METRIC_INNER_PRODUCT)
+    graph = faiss.IndexIDMap2(hnsw)
+    graph.add_with_ids(X, ids)
+    index = SearchIndex("hnsw", graph, exact, params={"efSearch": 1})
+    rows = np.random.default_rng(3).choice(len(X), 300, replace=False)
+    mean, lower, seconds = _recall10(index, X[rows], rows, X, ids, _exact_scores(index, X[rows], 10))
+    _, found = index.search(X[rows], 11)
+    per_query = []
+    for row, hits in zip(rows, found):
+        others = np.delete(np.arange(len(X)), row)
+        tenth = np.sort(X[others] @ X[row])[-10]
+        hits = [h for h in hits if h not in (row, -1)][:10]
+        per_query.append(np.sum(X[hits] @ X[row] >= tenth - 1e-5) / 10)
+    assert 0.3 < np.mean(per_query) < 0.99  # recall that varies, so the error is not 0
+    assert mean == pytest.approx(np.mean(per_query))
+    assert mean - lower == pytest.approx(np.std(per_query, ddof=1) / np.sqrt(len(rows)))
+    assert seconds > 0
