@@ -89,9 +89,10 @@ OPQ_ITERATIONS = 20  # FAISS's default is 50; at 1M x 512, 20 took 65 s
 OPQ_TRAIN_POINTS = 65536
 ADD_CHUNK = 65536
 REFINE_MIN = 100
-CACHE_FORMAT = 2  # of the cached approximate indexes; 2: IVF-PQ with OPQ and 4-bit fast-scan codes
+CACHE_FORMAT = 2  # of the cached approximate indexes; 2: IVF-PQ with OPQ, an HNSW coarse quantizer, 4-bit fast-scan codes
 RECALL_KS = (1, 10, 50)
-RECALL_SAMPLE = 1000
+RECALL_SAMPLE = 2000  # stored vectors as queries: half to tune on, half to report recall on
+RECALL_MARGIN = 2.0  # standard errors a tuned setting's recall must clear the target by (see _recall10)
 EXACT_FILTER_FRACTION = 0.1
 SMALL_BATCH = 16  # exact queries up to this many are scored with numpy/BLAS, more with FAISS
 GATHER_FRACTION = 0.25  # below this share of the store, allowed vectors are gathered, not scanned
@@ -330,11 +331,17 @@ class SearchIndex:
         """IVF-PQ shortlist of max(refine_factor * k, REFINE_MIN) ids, re-ranked exactly."""
         import faiss
 
-        params = faiss.SearchParametersIVF(nprobe=self.params["nprobe"])
+        nprobe = self.params["nprobe"]
+        params = faiss.SearchParametersIVF(nprobe=nprobe)
+        # the graph over the centroids finds the nprobe nearest lists (a pointer: keep it referenced)
+        graph_params = faiss.SearchParametersHNSW(efSearch=max(nprobe, HNSW_EF_SEARCH[0]))
+        if self.params.get("coarse") == "hnsw":
+            params.quantizer_params = graph_params
         if sel is not None:
             params.sel = sel
         shortlist_size = max(self.params["refine_factor"] * k, REFINE_MIN)
         _, shortlist = self.index.search(queries, shortlist_size, params=params)
+        del graph_params
         view = self._flat_view()  # gathering rows of it beats reconstruct_batch's per-id lookups
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
         ids = np.full((len(queries), k), -1, dtype=np.int64)
@@ -483,16 +490,20 @@ def _build_ivf_pq(vectors: np.ndarray, ids: np.ndarray, seed: int) -> tuple[Any,
     opq_pq = faiss.ProductQuantizer(dim, m, nbits)  # rotate for the very codes the index stores
     opq_pq.cp.min_points_per_centroid = 10  # IVF_MIN_VECTORS keeps N >= 10 * 2**nbits
     opq.pq, opq.niter, opq.max_train_points = opq_pq, OPQ_ITERATIONS, OPQ_TRAIN_POINTS
-    ivf = faiss.IndexIVFPQFastScan(faiss.IndexFlatIP(dim), dim, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
+    coarse = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)  # nearest lists without a scan of all
+    coarse.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    ivf = faiss.IndexIVFPQFastScan(coarse, dim, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
     ivf.by_residual = True
+    kmeans_index = faiss.IndexFlatIP(dim)
+    ivf.quantizer_trains_alone, ivf.clustering_index = 2, kmeans_index  # k-means exact, then the graph
     ivf.cp.seed = ivf.pq.cp.seed = opq_pq.cp.seed = seed
     ivf.pq.cp.min_points_per_centroid = 10
     index = faiss.IndexPreTransform(opq, ivf)
     index.train(train)
-    opq.pq = None  # opq_pq was only for training; the written index must not point at it
+    opq.pq = ivf.clustering_index = None  # only for training; the index must not point at them
     for start in range(0, n, ADD_CHUNK):  # each chunk is rotated on its own: no rotated copy of all N
         index.add_with_ids(vectors[start:start + ADD_CHUNK], ids[start:start + ADD_CHUNK])
-    params = {"nlist": nlist, "m": m, "nbits": nbits, "opq": True, "nprobe": 1,
+    params = {"nlist": nlist, "m": m, "nbits": nbits, "opq": True, "coarse": "hnsw", "nprobe": 1,
               "refine_factor": IVF_REFINE_FACTORS[0], "train_points": len(train)}
     return index, params
 
@@ -567,12 +578,13 @@ def _exact_scores(index: SearchIndex, queries: np.ndarray, k: int) -> np.ndarray
 
 def _recall10(index: SearchIndex, queries: np.ndarray, query_ids: np.ndarray, vectors: np.ndarray,
               ids: np.ndarray, truth: np.ndarray) -> tuple[float, float, float]:
-    """(recall@10 of ``index`` against the exact scores ``truth``, that minus its standard error,
-    seconds the search took).
+    """(recall@10 of ``index`` against the exact scores ``truth``, that minus RECALL_MARGIN
+    standard errors, seconds the search took).
 
-    A setting reaches the target when the lower figure does: tuned on the mean alone, a
-    setting just at the target on the tuning queries fell just under it on others (IVF-PQ
-    at 1M x 512: 0.950 tuning, 0.949 held out, 0.946 on the benchmark's queries).
+    A setting reaches the target when the lower figure does. Tuned on the mean alone, or
+    with one standard error on 500 queries, the chosen setting (the first of many tried
+    to pass) fell just under the target on other queries: IVF-PQ at 1M x 512 was
+    tuned to 0.95 and held out 0.949, and 0.946 on the benchmark's queries.
     """
     started = time.perf_counter()
     _, approx = index.search(queries, 11)
@@ -580,7 +592,7 @@ def _recall10(index: SearchIndex, queries: np.ndarray, query_ids: np.ndarray, ve
     per_query = _recall_per_query(approx, 10, queries, query_ids, vectors, ids, truth)
     mean = float(np.mean(per_query))
     error = float(np.std(per_query, ddof=1) / math.sqrt(len(per_query))) if len(per_query) > 1 else 0.0
-    return mean, mean - error, seconds
+    return mean, mean - RECALL_MARGIN * error, seconds
 
 
 def _recall_per_query(approx: np.ndarray, k: int, queries: np.ndarray, query_ids: np.ndarray,
