@@ -179,8 +179,9 @@ def test_approximate_indexes_recall_and_cache(vs, tmp_path):
         assert params["opq"] and params["nbits"] == 4
         import faiss
 
-        ivf = faiss.extract_index_ivf(open_index(store, "ivf-pq").index)  # as read back from the cache
-        assert isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSWFlat)
+        cached = open_index(store, "ivf-pq")  # as read back from the cache
+        ivf = faiss.extract_index_ivf(cached.index)
+        assert isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW)
         assert isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQFastScan) and ivf.by_residual
     meta_path = path / "seeded-test.ivf-pq.json"
     meta = json.loads(meta_path.read_text())
