@@ -26,9 +26,10 @@ Index kinds (:data:`INDEX_KINDS`):
     training from 195 to 53 s for -0.02 recall), and the residual to the list's
     centroid coded by m = dim / 4 sub-quantizers (4-d sub-vectors; the divisor
     of dim nearest dim / 4 otherwise) of 4 bits, dim / 8 bytes per vector, which
-    FAISS scans with SIMD table look-ups. The OPQ rotation (20 iterations on at
-    most 65,536 vectors, trained for those very 4-bit codes) spreads the
-    variance of anisotropic embeddings over the sub-vectors. A PQ shortlist of
+    FAISS scans with SIMD table look-ups. The OPQ rotation (20 iterations up to
+    512-d, fewer above, see ``opq_iterations``; on at most 65,536 vectors,
+    trained for those very 4-bit codes) spreads the variance of anisotropic
+    embeddings over the sub-vectors. A PQ shortlist of
     max(refine_factor * k, 100) ids is re-scored with the stored vectors
     (IVFADC+R), so scores are exact cosines. nprobe (1, 2, 3, 4, 6, ... in ~1.5x
     steps) and refine_factor (10 to 200) are tuned together: of the settings
@@ -85,7 +86,8 @@ IVF_TRAIN_PER_LIST = 64  # k-means training sample: at most this many vectors pe
 IVF_SUBVECTOR = 4  # dimensions per PQ sub-quantizer
 IVF_NBITS = 4  # bits per sub-quantizer code: FAISS's fast-scan (SIMD) PQ
 IVF_MIN_VECTORS = 10 * 2 ** IVF_NBITS  # 10 training points per PQ code word
-OPQ_ITERATIONS = 20  # FAISS's default is 50; at 1M x 512, 20 took 65 s
+OPQ_ITERATIONS = 20  # at <= 512-d (FAISS's default is 50); fewer above, see opq_iterations
+OPQ_MIN_ITERATIONS = 4
 OPQ_TRAIN_POINTS = 65536
 ADD_CHUNK = 65536
 REFINE_MIN = 100
@@ -489,7 +491,7 @@ def _build_ivf_pq(vectors: np.ndarray, ids: np.ndarray, seed: int) -> tuple[Any,
     opq = faiss.OPQMatrix(dim, m)
     opq_pq = faiss.ProductQuantizer(dim, m, nbits)  # rotate for the very codes the index stores
     opq_pq.cp.min_points_per_centroid = 10  # IVF_MIN_VECTORS keeps N >= 10 * 2**nbits
-    opq.pq, opq.niter, opq.max_train_points = opq_pq, OPQ_ITERATIONS, OPQ_TRAIN_POINTS
+    opq.pq, opq.niter, opq.max_train_points = opq_pq, opq_iterations(dim), OPQ_TRAIN_POINTS
     coarse = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)  # nearest lists without a scan of all
     coarse.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
     ivf = faiss.IndexIVFPQFastScan(coarse, dim, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
@@ -503,7 +505,8 @@ def _build_ivf_pq(vectors: np.ndarray, ids: np.ndarray, seed: int) -> tuple[Any,
     opq.pq = ivf.clustering_index = None  # only for training; the index must not point at them
     for start in range(0, n, ADD_CHUNK):  # each chunk is rotated on its own: no rotated copy of all N
         index.add_with_ids(vectors[start:start + ADD_CHUNK], ids[start:start + ADD_CHUNK])
-    params = {"nlist": nlist, "m": m, "nbits": nbits, "opq": True, "coarse": "hnsw", "nprobe": 1,
+    params = {"nlist": nlist, "m": m, "nbits": nbits, "opq": True, "opq_iterations": opq.niter,
+              "coarse": "hnsw", "nprobe": 1,
               "refine_factor": IVF_REFINE_FACTORS[0], "train_points": len(train)}
     return index, params
 
@@ -606,6 +609,14 @@ def _recall_per_query(approx: np.ndarray, k: int, queries: np.ndarray, query_ids
         rows = _rows_of(ids, order, hits)  # every hit is a stored id
         per_query[q] = np.sum(vectors[rows] @ queries[q] >= threshold) / k
     return per_query
+
+
+def opq_iterations(dim: int) -> int:
+    """OPQ training iterations: OPQ_ITERATIONS up to 512-d, fewer in proportion to dim**2 above
+    (each one costs about 1.3 s at 512-d, 4.5 s at 1280-d on 2 cores, mostly fixed per
+    sub-quantizer; 20 at 1280-d made an 8k store's build 91 s instead of 5), at least
+    OPQ_MIN_ITERATIONS."""
+    return max(OPQ_MIN_ITERATIONS, min(OPQ_ITERATIONS, round(OPQ_ITERATIONS * (512 / dim) ** 2)))
 
 
 def ivf_pq_shape(n: int, dim: int) -> tuple[int, int, int]:

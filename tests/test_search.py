@@ -576,3 +576,11 @@ def test_recall10_reports_the_mean_and_the_mean_minus_the_margin_of_standard_err
     assert mean - lower == pytest.approx(search_module.RECALL_MARGIN * error)
     assert search_module.RECALL_MARGIN >= 1
     assert seconds > 0
+
+
+def test_opq_iterations_shrink_with_the_square_of_the_dimension():
+    from mediret.search import OPQ_ITERATIONS, OPQ_MIN_ITERATIONS, opq_iterations
+
+    assert opq_iterations(32) == opq_iterations(512) == OPQ_ITERATIONS
+    assert opq_iterations(1024) == round(OPQ_ITERATIONS / 4)
+    assert opq_iterations(2048) == opq_iterations(4096) == OPQ_MIN_ITERATIONS
