@@ -28,8 +28,10 @@ Index kinds (:data:`INDEX_KINDS`):
     of dim nearest dim / 4 otherwise) of 4 bits, dim / 8 bytes per vector, which
     FAISS scans with SIMD table look-ups. The OPQ rotation (20 iterations up to
     512-d, fewer above, see ``opq_iterations``; on at most 65,536 vectors,
-    trained for those very 4-bit codes) spreads the variance of anisotropic
-    embeddings over the sub-vectors. A PQ shortlist of
+    trained for those very 4-bit codes; only from 4 training vectors per
+    dimension up, as FAISS's OPQ training crashes on fewer vectors than
+    dimensions) spreads the variance of anisotropic embeddings over the
+    sub-vectors. A PQ shortlist of
     max(refine_factor * k, 100) ids is re-scored with the stored vectors
     (IVFADC+R), so scores are exact cosines. nprobe (1, 2, 3, 4, 6, ... in ~1.5x
     steps) and refine_factor (10 to 200) are tuned together: of the settings
@@ -88,6 +90,7 @@ IVF_NBITS = 4  # bits per sub-quantizer code: FAISS's fast-scan (SIMD) PQ
 IVF_MIN_VECTORS = 10 * 2 ** IVF_NBITS  # 10 training points per PQ code word
 OPQ_ITERATIONS = 20  # at <= 512-d (FAISS's default is 50); fewer above, see opq_iterations
 OPQ_MIN_ITERATIONS = 4
+OPQ_MIN_PER_DIM = 4  # OPQ only with at least this many training vectors per dimension
 OPQ_TRAIN_POINTS = 65536
 ADD_CHUNK = 65536
 REFINE_MIN = 100
@@ -477,8 +480,9 @@ def build_from_vectors(kind: str, vectors: np.ndarray, ids: np.ndarray, exact: A
 
 
 def _build_ivf_pq(vectors: np.ndarray, ids: np.ndarray, seed: int) -> tuple[Any, dict[str, Any]]:
-    """OPQ rotation, then IVF over spherical k-means lists, then 4-bit fast-scan PQ of the
-    residuals (see the module docstring), trained on one seeded sample and filled in chunks."""
+    """OPQ rotation (from OPQ_MIN_PER_DIM training vectors per dimension up), then IVF over
+    spherical k-means lists, then 4-bit fast-scan PQ of the residuals (see the module
+    docstring), trained on one seeded sample and filled in chunks."""
     import faiss
 
     n, dim = vectors.shape
@@ -488,25 +492,31 @@ def _build_ivf_pq(vectors: np.ndarray, ids: np.ndarray, seed: int) -> tuple[Any,
     nlist, m, nbits = ivf_pq_shape(n, dim)
     sample = np.random.default_rng(seed).permutation(n)[:min(n, nlist * IVF_TRAIN_PER_LIST)]
     train = vectors[np.sort(sample)]
-    opq = faiss.OPQMatrix(dim, m)
-    opq_pq = faiss.ProductQuantizer(dim, m, nbits)  # rotate for the very codes the index stores
-    opq_pq.cp.min_points_per_centroid = 10  # IVF_MIN_VECTORS keeps N >= 10 * 2**nbits
-    opq.pq, opq.niter, opq.max_train_points = opq_pq, opq_iterations(dim), OPQ_TRAIN_POINTS
     coarse = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)  # nearest lists without a scan of all
     coarse.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
     ivf = faiss.IndexIVFPQFastScan(coarse, dim, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
     ivf.by_residual = True
     kmeans_index = faiss.IndexFlatIP(dim)
     ivf.quantizer_trains_alone, ivf.clustering_index = 2, kmeans_index  # k-means exact, then the graph
-    ivf.cp.seed = ivf.pq.cp.seed = opq_pq.cp.seed = seed
-    ivf.pq.cp.min_points_per_centroid = 10
-    index = faiss.IndexPreTransform(opq, ivf)
+    ivf.cp.seed = ivf.pq.cp.seed = seed
+    ivf.pq.cp.min_points_per_centroid = 10  # IVF_MIN_VECTORS keeps N >= 10 * 2**nbits
+    opq = opq_pq = None
+    if len(train) >= OPQ_MIN_PER_DIM * dim:  # FAISS's OPQ training crashes when N < dim
+        opq = faiss.OPQMatrix(dim, m)
+        opq_pq = faiss.ProductQuantizer(dim, m, nbits)  # rotate for the very codes the index stores
+        opq_pq.cp.min_points_per_centroid, opq_pq.cp.seed = 10, seed
+        opq.pq, opq.niter, opq.max_train_points = opq_pq, opq_iterations(dim), OPQ_TRAIN_POINTS
+        index = faiss.IndexPreTransform(opq, ivf)
+    else:
+        index = ivf
     index.train(train)
-    opq.pq = ivf.clustering_index = None  # only for training; the index must not point at them
+    ivf.clustering_index = None  # only for training; the index must not point at it
+    if opq is not None:
+        opq.pq = None  # likewise
     for start in range(0, n, ADD_CHUNK):  # each chunk is rotated on its own: no rotated copy of all N
         index.add_with_ids(vectors[start:start + ADD_CHUNK], ids[start:start + ADD_CHUNK])
-    params = {"nlist": nlist, "m": m, "nbits": nbits, "opq": True, "opq_iterations": opq.niter,
-              "coarse": "hnsw", "nprobe": 1,
+    params = {"nlist": nlist, "m": m, "nbits": nbits, "opq": opq is not None,
+              "opq_iterations": opq.niter if opq is not None else 0, "coarse": "hnsw", "nprobe": 1,
               "refine_factor": IVF_REFINE_FACTORS[0], "train_points": len(train)}
     return index, params
 

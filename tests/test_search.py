@@ -584,3 +584,25 @@ def test_opq_iterations_shrink_with_the_square_of_the_dimension():
     assert opq_iterations(32) == opq_iterations(512) == OPQ_ITERATIONS
     assert opq_iterations(1024) == round(OPQ_ITERATIONS / 4)
     assert opq_iterations(2048) == opq_iterations(4096) == OPQ_MIN_ITERATIONS
+
+
+def test_ivf_pq_on_fewer_vectors_than_dimensions_builds_without_opq():
+    """300 x 512 (PAD-UFES-20 is 686 x 1280): FAISS's OPQ training aborts the process on fewer
+    vectors than dimensions, so the index is built without the rotation, and still finds
+    the exact neighbours of the stored vectors."""
+    import faiss
+
+    from mediret.search import build_from_vectors
+
+    rng = np.random.default_rng(4)
+    centres = rng.standard_normal((6, 512)).astype(np.float32)
+    X = centres[rng.integers(0, 6, 300)] + 0.5 * rng.standard_normal((300, 512)).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    ids = np.arange(len(X), dtype=np.int64) + 100
+    exact = faiss.IndexIDMap2(faiss.IndexFlatIP(512))
+    exact.add_with_ids(X, ids)
+    built = build_from_vectors("ivf-pq", X, ids, exact, seed=0)
+    assert built.params["opq"] is False and built.params["opq_iterations"] == 0
+    _, found = built.search(X[:50], 10)
+    truth = np.argsort(-(X[:50] @ X.T), axis=1)[:, :10]
+    assert np.mean([len(set(ids[t]) & set(f)) / 10 for t, f in zip(truth, found)]) >= 0.9
