@@ -256,9 +256,14 @@ def index_options(func):
 
 
 def _open_search_index(store, kind: str, rebuild: bool, target_recall: float | None = None):
-    from .search import open_index
+    from .search import TARGET_RECALL, open_index
 
-    index = open_index(store, kind, rebuild=rebuild, target_recall=target_recall)
+    def announce(n: int) -> None:
+        click.echo(f"building {kind} index over {n:,} vectors (tuned to recall@10 "
+                   f"{target_recall or TARGET_RECALL[kind]}; cached in the store for later searches)...",
+                   err=True)
+
+    index = open_index(store, kind, rebuild=rebuild, target_recall=target_recall, on_build=announce)
     if index.build_seconds is not None:
         recall = ", ".join(f"{k} {v:.3f}" for k, v in index.describe()["recall"].items())
         params = ", ".join(f"{k}={v}" for k, v in index.params.items())

@@ -60,7 +60,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -398,11 +398,14 @@ def _faiss_threads(n: int) -> Iterator[None]:
 
 
 def open_index(store: Store, kind: str = "exact", rebuild: bool = False,
-               target_recall: float | None = None) -> SearchIndex:
+               target_recall: float | None = None,
+               on_build: Callable[[int], None] | None = None) -> SearchIndex:
     """The store's index of ``kind``: exact, or an approximate one from cache or freshly built.
 
     target_recall: the recall@10 against exact search its knobs are tuned to (default
         ``TARGET_RECALL[kind]``); a cached index tuned to another target is rebuilt.
+    on_build: called with the number of vectors just before a build starts (which takes
+        minutes at a million vectors), e.g. to tell the user.
     """
     if kind not in INDEX_KINDS:
         raise SearchError(f"unknown index kind '{kind}'; choose from {', '.join(INDEX_KINDS)}")
@@ -426,6 +429,8 @@ def open_index(store: Store, kind: str = "exact", rebuild: bool = False,
                                    cache_file=index_path.name)
         except (OSError, ValueError, KeyError, RuntimeError):
             pass  # unreadable or stale cache: rebuild below
+    if on_build is not None:
+        on_build(int(store.index.ntotal))
     built = build_index(store, kind, target_recall=target_recall)
     try:
         _write_atomic(index_path, lambda tmp: faiss.write_index(built.index, str(tmp)))

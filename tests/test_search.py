@@ -517,6 +517,10 @@ def test_cli_target_recall_reaches_the_index(vs, tmp_path):
                                       "--index", "hnsw", "--target-recall", "0.9", "--format", "json"])
     assert result.exit_code == 0, result.output
     assert "target_recall=0.9" in result.stderr and "built hnsw index" in result.stderr
+    assert f"building hnsw index over {len(vs.X):,} vectors (tuned to recall@10 0.9;" in result.stderr
+    again = CliRunner().invoke(cli, ["search", "--id", vs.rows[0]["image_id"], "-k", "3", "--store", str(path),
+                                     "--index", "hnsw", "--target-recall", "0.9"])
+    assert again.exit_code == 0 and "building" not in again.stderr  # read from the cache
     assert json.loads((path / "seeded-test.hnsw.json").read_text())["params"]["target_recall"] == 0.9
     bad = CliRunner().invoke(cli, ["search", "--id", vs.rows[0]["image_id"], "--store", str(path),
                                    "--index", "hnsw", "--target-recall", "1.5"])
