@@ -17,7 +17,8 @@ Index kinds (:data:`INDEX_KINDS`):
 ``hnsw``
     ``IndexHNSWFlat``, M = 32 links per node, efConstruction = 200. efSearch
     is tuned at build time: the smallest of 16, 24, 32, 48, ..., 512 whose recall@10
-    against exact search reaches 0.99 on held-out sample queries. Scores are
+    against exact search, minus two standard errors, reaches 0.99 on sample queries
+    (see ``_recall10``). Scores are
     exact cosines (the graph holds the full vectors).
 ``ivf-pq``
     An OPQ rotation, then ``IndexIVFPQFastScan``: nlist = min(4 sqrt(N), N / 39)
@@ -35,7 +36,7 @@ Index kinds (:data:`INDEX_KINDS`):
     max(refine_factor * k, 100) ids is re-scored with the stored vectors
     (IVFADC+R), so scores are exact cosines. nprobe (1, 2, 3, 4, 6, ... in ~1.5x
     steps) and refine_factor (10 to 200) are tuned together: of the settings
-    whose recall@10 reaches 0.95, the fastest on the tuning queries (see
+    whose recall@10 minus two standard errors reaches 0.95, the fastest on the tuning queries (see
     ``_tune_ivf_pq``). Stores under 160 vectors (10 per 4-bit code word) are
     refused. At 1M x 512 (BENCHMARKS.md), 8-bit PQ with 32-byte codes and no
     rotation needed 2,000 re-scored candidates per query and ran at a quarter
@@ -505,7 +506,7 @@ def _build_ivf_pq(vectors: np.ndarray, ids: np.ndarray, seed: int) -> tuple[Any,
     ivf.quantizer_trains_alone, ivf.clustering_index = 2, kmeans_index  # k-means exact, then the graph
     ivf.cp.seed = ivf.pq.cp.seed = seed
     ivf.pq.cp.min_points_per_centroid = 10  # IVF_MIN_VECTORS keeps N >= 10 * 2**nbits
-    opq = opq_pq = None
+    opq = None
     if len(train) >= OPQ_MIN_PER_DIM * dim:  # FAISS's OPQ training crashes when N < dim
         opq = faiss.OPQMatrix(dim, m)
         opq_pq = faiss.ProductQuantizer(dim, m, nbits)  # rotate for the very codes the index stores
@@ -628,9 +629,8 @@ def _recall_per_query(approx: np.ndarray, k: int, queries: np.ndarray, query_ids
 
 def opq_iterations(dim: int) -> int:
     """OPQ training iterations: OPQ_ITERATIONS up to 512-d, fewer in proportion to dim**2 above
-    (each one costs about 1.3 s at 512-d, 4.5 s at 1280-d on 2 cores, mostly fixed per
-    sub-quantizer; 20 at 1280-d made an 8k store's build 91 s instead of 5), at least
-    OPQ_MIN_ITERATIONS."""
+    (one took about 1.3 s at 512-d and 4.5 s at 1280-d on 2 cores in ad hoc timings; 20 at
+    1280-d made an 8k store's build 91 s, BENCHMARKS.md), at least OPQ_MIN_ITERATIONS."""
     return max(OPQ_MIN_ITERATIONS, min(OPQ_ITERATIONS, round(OPQ_ITERATIONS * (512 / dim) ** 2)))
 
 
