@@ -830,17 +830,16 @@ def predict_images(store_path: str | Path, images: Sequence[str | Path], model_n
 
 def embed_images(encoder, images: Sequence[str | Path], batch_size: int = 32) -> np.ndarray:
     """Vectors of image files, preprocessed and embedded as ingest does."""
-    import torch
     from PIL import Image, UnidentifiedImageError
 
-    tensors = []
+    pixels = []
     for image in images:
         try:
             with Image.open(image) as opened:
-                tensors.append(encoder.preprocess(opened))
+                pixels.append(encoder.preprocess.pixels(opened))
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
             raise ClassifyError(f"cannot read image {image}: {exc}") from exc
-    if not tensors:
+    if not pixels:
         raise ClassifyError("no images to label")
-    return np.concatenate([encoder.embed_batch(torch.stack(tensors[i:i + batch_size]))
-                           for i in range(0, len(tensors), batch_size)])
+    return np.concatenate([encoder.embed_pixels(np.stack(pixels[i:i + batch_size]))
+                           for i in range(0, len(pixels), batch_size)])

@@ -158,7 +158,7 @@ class Encoder:
         self.device = device
         self.optimized = optimized
         self.precision = "fp32" if bf16_model is None else "pending bf16 check"
-        self._channels_last = channels_last
+        self.channels_last = channels_last  # the fast path's memory layout (see embed_batch)
         self._bf16_model = bf16_model
         self._input_dtype: Any = None  # torch.float32 until a bf16 model is adopted
 
@@ -187,8 +187,8 @@ class Encoder:
             return np.zeros((0, self.dim), dtype=np.float32)
         with torch.inference_mode():
             x = batch.to(self.device, self._input_dtype or torch.float32)
-            if self._channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            # A no-op for batches already in the model's layout (Preprocess.normalise_batch).
+            x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
             features = torch.nn.functional.normalize(self.model(x).float(), dim=1)
             if self._bf16_model is not None:
                 self._check_bf16(x, features)
@@ -208,14 +208,21 @@ class Encoder:
             self.precision = f"fp32 (bf16 rejected: min cosine {cosine:.5f} < {BF16_MIN_COSINE})"
         log.info("%s runs in %s", self.name, self.precision)
 
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, S, S, 3) uint8 images from ``self.preprocess.pixels`` -> (N, dim) unit rows.
+
+        Normalises the whole batch at once, straight into the model's memory layout.
+        """
+        if len(pixels) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self.embed_batch(self.preprocess.normalise_batch(pixels, self.channels_last))
+
     def embed_images(self, images: Iterable[Image.Image]) -> np.ndarray:
         """Preprocess PIL images with this encoder's preset and embed them as one batch."""
-        import torch
-
-        tensors = [self.preprocess(image) for image in images]
-        if not tensors:
+        pixels = [self.preprocess.pixels(image) for image in images]
+        if not pixels:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return self.embed_batch(torch.stack(tensors))
+        return self.embed_pixels(np.stack(pixels))
 
     def __repr__(self) -> str:
         mode = "optimized" if self.optimized else "reference"

@@ -56,7 +56,7 @@ class IngestReport:
 @dataclass
 class _Prepared:
     record: ImageRecord
-    tensor: object = None          # torch.Tensor (C, H, W) when decoded
+    pixels: np.ndarray | None = None  # uint8 (S, S, 3), resized and cropped, when decoded
     content_hash: str | None = None
     size: tuple[int, int] | None = None
     problem: Problem | None = None
@@ -77,8 +77,8 @@ def open_image(record: ImageRecord, data: bytes | None = None):
     return decode_image(data, record.source)
 
 
-def _prepare(record: ImageRecord, preprocess: Callable, known_hashes: dict) -> _Prepared:
-    """Read, hash, decode and preprocess one record; failures become a Problem, never an exception."""
+def _prepare(record: ImageRecord, to_pixels: Callable, known_hashes: dict) -> _Prepared:
+    """Read, hash, decode, resize and crop one record; failures become a Problem, never an exception."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -98,7 +98,7 @@ def _prepare(record: ImageRecord, preprocess: Callable, known_hashes: dict) -> _
     try:
         image = open_image(record, None if record.pixels is not None else data)
         size = image.size
-        tensor = preprocess(image)
+        pixels = to_pixels(image)
     except UnidentifiedImageError:
         reason = "not an image PIL can read"
     except Image.DecompressionBombError as exc:
@@ -106,27 +106,28 @@ def _prepare(record: ImageRecord, preprocess: Callable, known_hashes: dict) -> _
     except (OSError, SyntaxError, ValueError) as exc:
         reason = f"corrupt or truncated image: {exc}"
     else:
-        return _Prepared(record, tensor=tensor, content_hash=digest, size=size)
+        return _Prepared(record, pixels=pixels, content_hash=digest, size=size)
     return _Prepared(record, content_hash=digest, problem=Problem(record.source, reason,
                                                                   "unreadable-image"))
 
 
-def prepared_stream(records: Iterable[ImageRecord], preprocess: Callable, workers: int,
+def prepared_stream(records: Iterable[ImageRecord], to_pixels: Callable, workers: int,
                     known_hashes: dict, prefetch: int) -> Iterator[_Prepared]:
     """Decode records in ``workers`` threads, in order, holding at most ``prefetch`` in flight.
 
-    PIL decoding and the tensor ops of preprocessing release the GIL, so threads
-    overlap them with the encoder's forward pass; the bounded window keeps memory
-    flat however large the dataset.
+    ``to_pixels`` is the PIL half of preprocessing (decode, resize, crop to uint8),
+    which releases the GIL, so threads overlap it with the encoder's forward pass;
+    normalisation runs once per batch (``_store_batch``). The bounded window keeps
+    memory flat however large the dataset.
     """
     if workers <= 0:
         for record in records:
-            yield _prepare(record, preprocess, known_hashes)
+            yield _prepare(record, to_pixels, known_hashes)
         return
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mediret-decode") as pool:
         window: deque = deque()
         for record in records:
-            window.append(pool.submit(_prepare, record, preprocess, known_hashes))
+            window.append(pool.submit(_prepare, record, to_pixels, known_hashes))
             if len(window) >= prefetch:
                 yield window.popleft().result()
         while window:
@@ -227,7 +228,7 @@ def ingest(scan: DatasetScan, store_path: str | Path, encoder, *, batch_size: in
         if limit is not None:
             todo = todo[:limit]
         known = store.hashes()
-        stream = prepared_stream(todo, encoder.preprocess, workers, dict(known),
+        stream = prepared_stream(todo, encoder.preprocess.pixels, workers, dict(known),
                                  prefetch=max(2 * batch_size, 4 * workers))
         since_commit = 0
         bar = tqdm(total=len(todo), unit="img", desc=f"ingest {scan.name}", disable=not progress,
@@ -260,8 +261,6 @@ def ingest(scan: DatasetScan, store_path: str | Path, encoder, *, batch_size: in
 def _store_batch(store: Store, encoder, batch: list[_Prepared], known: dict[str, tuple[int, str]],
                  dataset: str, run: int, report: IngestReport) -> int:
     """Embed the decodable images of a batch and add them; copy vectors for duplicates."""
-    import torch
-
     fresh, copies = [], []
     batch_hashes: set[str] = set()
     for item in batch:
@@ -273,7 +272,7 @@ def _store_batch(store: Store, encoder, batch: list[_Prepared], known: dict[str,
             batch_hashes.add(item.content_hash)
             fresh.append(item)
     if fresh:
-        vectors = encoder.embed_batch(torch.stack([item.tensor for item in fresh]))
+        vectors = encoder.embed_pixels(np.stack([item.pixels for item in fresh]))
         ids = store.add([i.record for i in fresh], vectors, [i.content_hash for i in fresh],
                         [i.size for i in fresh], dataset=dataset, ingest_run=run)
         known.update((item.content_hash, (int(i), item.record.image_id))

@@ -74,13 +74,17 @@ class Preprocess:
     robust: bool = False
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        """Preprocess a PIL image of any mode (RGBA, L, P, I;16, ...).
+        """Preprocess a PIL image of any mode (RGBA, L, P, I;16, ...): ``pixels`` then ``normalise_batch``."""
+        return self.normalise_batch(self.pixels(image)[None])[0]
+
+    def pixels(self, image: Image.Image) -> np.ndarray:
+        """The resized, centre-cropped RGB image as a uint8 (size, size, 3) array: the PIL half, no torch.
 
         A JPEG opened but not yet decoded is decoded at a reduced scale (1/2, 1/4 or
         1/8, via ``Image.draft``) when it is at least twice ``resize_size``: several
         times faster, and within about one grey level of full decoding + resize.
+        Ingest runs this in decoding threads and normalises whole batches at once.
         """
-        import torch
         from PIL import Image
 
         if image.format == "JPEG":
@@ -94,8 +98,22 @@ class Preprocess:
             image = image.resize((new_w, new_h), resample, reducing_gap=3.0)
         top, left = _crop_origin(new_h, new_w, self.input_size)
         image = image.crop((left, top, left + self.input_size, top + self.input_size))
-        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-        return self._normalise(pixels.unsqueeze(0))[0]
+        return np.array(image, dtype=np.uint8)
+
+    def normalise_batch(self, pixels: np.ndarray, channels_last: bool = True) -> torch.Tensor:
+        """(N, size, size, 3) uint8 ``pixels`` -> normalised float32 (N, 3, size, size) batch.
+
+        The result is laid out channels-last in memory (a permuted view of the input's
+        layout, which the encoders' fast path wants: no transposing copy) unless
+        ``channels_last`` is false. Values do not depend on the layout.
+        """
+        import torch
+
+        pixels = np.asarray(pixels)
+        if pixels.ndim != 4 or pixels.shape[-1] != 3 or pixels.dtype != np.uint8:
+            raise ValueError(f"expected N x H x W x 3 uint8 pixels, got {pixels.dtype} {pixels.shape}")
+        batch = self._normalise(torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2))
+        return batch if channels_last else batch.contiguous()
 
     def load(self, path: str | Path) -> torch.Tensor:
         """Open an image file and preprocess it (large JPEGs are draft-decoded, see ``__call__``)."""

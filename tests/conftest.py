@@ -71,11 +71,13 @@ class ThumbnailPreprocess:
 
     name = "thumbnail"
 
+    def pixels(self, image) -> np.ndarray:
+        return np.array(image.convert("RGB").resize((8, 8)), dtype=np.uint8)
+
     def __call__(self, image):
         import torch
 
-        image = image.convert("RGB").resize((8, 8))
-        return torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 255
+        return torch.from_numpy(self.pixels(image).astype(np.float32)).permute(2, 0, 1) / 255
 
 
 class ThumbnailEncoder:
@@ -87,6 +89,11 @@ class ThumbnailEncoder:
         self.weights_source = "none (test encoder)"
         self.preprocess = ThumbnailPreprocess()
         self.batches = 0
+
+    def embed_pixels(self, pixels) -> np.ndarray:
+        import torch
+
+        return self.embed_batch(torch.from_numpy(np.asarray(pixels, dtype=np.float32)).permute(0, 3, 1, 2) / 255)
 
     def embed_batch(self, batch) -> np.ndarray:
         self.batches += 1

@@ -313,6 +313,21 @@ def test_efficientnet_lite0_matches_independent_forward(lite0_reference):
     assert _cosine(got[:1], got[1:]).item() < 0.99  # different lesions, different embeddings
 
 
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "squeezenet1_1"])
+def test_embed_pixels_equals_embedding_stacked_tensors(name):
+    """Ingest's path (uint8 pixels, one normalisation per batch, the model's layout) = the per-image one."""
+    weights = None if name == "efficientnet-lite0" else "random"
+    encoder = load_encoder(name, weights=weights, precision="fp32")  # bf16 would change after the first batch
+    images = [Image.open(_ham(i)).convert("RGB") for i in range(3)]
+    pixels = np.stack([encoder.preprocess.pixels(image) for image in images])
+    got = encoder.embed_pixels(pixels)
+    stacked = torch.stack([encoder.preprocess(image) for image in images])  # contiguous NCHW
+    np.testing.assert_allclose(got, encoder.embed_batch(stacked), atol=1e-6)
+    np.testing.assert_allclose(encoder.embed_images(images), got, atol=1e-6)
+    _assert_unit_rows(got, 3, encoder.dim)
+    assert encoder.embed_pixels(pixels[:0]).shape == (0, encoder.dim)
+
+
 def test_efficientnet_lite0_weights_are_imagenet_trained(lite0_reference):
     """Random or misaligned weights would not name these two natural photos."""
     sample_images = pytest.importorskip("sklearn.datasets").load_sample_image

@@ -67,6 +67,44 @@ def test_output_shape_and_dtype(ham_image, name, size):
     assert torch.isfinite(out).all()
 
 
+@pytest.fixture(scope="module")
+def ham_images() -> list[Image.Image]:
+    """Four real HAM10000 JPEGs, decoded."""
+    images = []
+    for index in range(4):
+        with Image.open(_first(HAM_DIR, "*.jpg", index)) as image:
+            images.append(image.convert("RGB"))
+    return images
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_batch_normalisation_equals_the_per_image_path(ham_images, name):
+    preset = get_preset(name, 224)
+    pixels = np.stack([preset.pixels(image) for image in ham_images])
+    assert pixels.shape == (4, 224, 224, 3) and pixels.dtype == np.uint8
+    # the PIL half alone, checked against PIL itself: shorter side to 224 or 256, centre crop
+    resample = Image.Resampling.BICUBIC if preset.interpolation == "bicubic" else Image.Resampling.BILINEAR
+    width = int(ham_images[0].width * preset.resize_size / ham_images[0].height)  # torchvision truncates
+    resized = np.asarray(ham_images[0].resize((width, preset.resize_size), resample))
+    left, top = round((width - 224) / 2), round((preset.resize_size - 224) / 2)
+    assert np.array_equal(pixels[0], resized[top:top + 224, left:left + 224])
+    batch = preset.normalise_batch(pixels)
+    one_by_one = torch.stack([preset(image) for image in ham_images])
+    assert torch.equal(batch, one_by_one)
+    assert torch.equal(preset.normalise_batch(pixels, channels_last=False), one_by_one)
+    assert preset.normalise_batch(pixels, channels_last=False).is_contiguous()
+    if not preset.robust:  # per-image statistics need a reshape; mean/std presets stay a view of the layout
+        assert batch.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_normalise_batch_rejects_other_input():
+    preset = get_preset("imagenet", 224)
+    for bad in (np.zeros((2, 224, 224, 3), dtype=np.float32), np.zeros((2, 3, 224, 224), dtype=np.uint8),
+                np.zeros((224, 224, 3), dtype=np.uint8)):
+        with pytest.raises(ValueError, match="N x H x W x 3 uint8"):
+            preset.normalise_batch(bad)
+
+
 def test_imagenet_matches_torchvision(ham_image):
     ours = get_preset("imagenet", 224)(ham_image)
     ref = _torchvision_reference(ham_image, 224, 224, "bilinear", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
