@@ -328,6 +328,20 @@ def test_embed_pixels_equals_embedding_stacked_tensors(name):
     assert encoder.embed_pixels(pixels[:0]).shape == (0, encoder.dim)
 
 
+def test_torch_resampling_keeps_embeddings_of_the_pil_transform():
+    """Real EfficientNet-Lite0 weights, real images: the default resampler's embeddings vs PIL-resized ones."""
+    import dataclasses
+
+    encoder = load_encoder("efficientnet-lite0", precision="fp32")
+    pil = dataclasses.replace(encoder.preprocess, resampler="pil")
+    assert encoder.preprocess.resampler == "torch" and encoder.preprocess.interpolation == "bicubic"
+    images = [Image.open(_ham(i)).convert("RGB") for i in range(8)]
+    fast = encoder.embed_images(images)
+    reference = encoder.embed_batch(torch.stack([pil(image) for image in images]))
+    assert not np.array_equal(fast, reference)  # not the same pixels (bicubic differs by 1-2 levels) ...
+    assert _cosine(fast, reference).min() >= 0.9999  # ... but the same embeddings
+
+
 def test_efficientnet_lite0_weights_are_imagenet_trained(lite0_reference):
     """Random or misaligned weights would not name these two natural photos."""
     sample_images = pytest.importorskip("sklearn.datasets").load_sample_image

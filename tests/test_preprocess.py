@@ -42,6 +42,18 @@ def medmnist_images() -> np.ndarray:
         return data["test_images"][:8]
 
 
+def _assert_matches(ours: torch.Tensor, reference: torch.Tensor, preset, resampler: str) -> None:
+    """PIL resampling: equal to the PIL-based reference. torch resampling: within 2 grey levels of it."""
+    if resampler == "pil":
+        assert torch.allclose(ours, reference, atol=1e-5)
+        return
+    one_level = 1.0 / 255.0 / min(preset.std)
+    difference = (ours - reference).abs()
+    assert difference.max() <= 2 * one_level + 1e-5
+    assert difference.mean() < 0.02 * one_level
+    assert (difference > 1e-5).float().mean() < 0.01  # about 0.5 % of values differ (bicubic)
+
+
 def _torchvision_reference(image, resize, size, interpolation, mean, std):
     import torchvision.transforms as T
 
@@ -82,12 +94,14 @@ def test_batch_normalisation_equals_the_per_image_path(ham_images, name):
     preset = get_preset(name, 224)
     pixels = np.stack([preset.pixels(image) for image in ham_images])
     assert pixels.shape == (4, 224, 224, 3) and pixels.dtype == np.uint8
-    # the PIL half alone, checked against PIL itself: shorter side to 224 or 256, centre crop
+    # the resize + crop alone, checked against PIL itself: shorter side to 224 or 256, centre crop
     resample = Image.Resampling.BICUBIC if preset.interpolation == "bicubic" else Image.Resampling.BILINEAR
     width = int(ham_images[0].width * preset.resize_size / ham_images[0].height)  # torchvision truncates
     resized = np.asarray(ham_images[0].resize((width, preset.resize_size), resample))
     left, top = round((width - 224) / 2), round((preset.resize_size - 224) / 2)
-    assert np.array_equal(pixels[0], resized[top:top + 224, left:left + 224])
+    expected = resized[top:top + 224, left:left + 224]
+    assert np.array_equal(get_preset(name, 224, "pil").pixels(ham_images[0]), expected)
+    assert np.abs(pixels[0].astype(int) - expected).max() <= 2  # torch's resampling: within 2 levels
     batch = preset.normalise_batch(pixels)
     one_by_one = torch.stack([preset(image) for image in ham_images])
     assert torch.equal(batch, one_by_one)
@@ -105,13 +119,29 @@ def test_normalise_batch_rejects_other_input():
             preset.normalise_batch(bad)
 
 
-def test_imagenet_matches_torchvision(ham_image):
-    ours = get_preset("imagenet", 224)(ham_image)
+@pytest.mark.parametrize("resampler", ["pil", "torch"])
+def test_imagenet_matches_torchvision(ham_image, resampler):
+    preset = get_preset("imagenet", 224, resampler)
     ref = _torchvision_reference(ham_image, 224, 224, "bilinear", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    assert torch.allclose(ours, ref, atol=1e-5)
+    _assert_matches(preset(ham_image), ref, preset, resampler)
 
 
-def test_clip_matches_open_clip(ham_image):
+@pytest.mark.parametrize("name", ["imagenet", "clip", "efficientnet-lite"])
+def test_torch_resampler_equals_torchvision_tensor_transforms(ham_images, name):
+    """The default resampler is torchvision's uint8 tensor path: Resize(antialias=True), CenterCrop, Normalize."""
+    import torchvision.transforms.v2 as T
+
+    preset = get_preset(name, 224)
+    mode = T.InterpolationMode.BICUBIC if preset.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
+    transform = T.Compose([T.Resize(preset.resize_size, mode, antialias=True), T.CenterCrop(224),
+                           T.ToDtype(torch.float32, scale=True), T.Normalize(preset.mean, preset.std)])
+    for image in ham_images:
+        reference = transform(torch.from_numpy(np.array(image)).permute(2, 0, 1))
+        assert torch.allclose(preset(image), reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("resampler", ["pil", "torch"])
+def test_clip_matches_open_clip(ham_image, resampler):
     import open_clip
 
     transform = open_clip.image_transform(
@@ -122,11 +152,13 @@ def test_clip_matches_open_clip(ham_image):
         interpolation="bicubic",
         resize_mode="shortest",
     )
-    assert torch.allclose(get_preset("clip", 224)(ham_image), transform(ham_image), atol=1e-5)
+    preset = get_preset("clip", 224, resampler)
+    _assert_matches(preset(ham_image), transform(ham_image), preset, resampler)
 
 
+@pytest.mark.parametrize("resampler", ["pil", "torch"])
 @pytest.mark.parametrize("arch, size", [("tf_efficientnet_lite0", 224), ("tf_efficientnet_lite2", 260)])
-def test_efficientnet_lite_matches_timm_pretrained_cfg(ham_image, arch, size):
+def test_efficientnet_lite_matches_timm_pretrained_cfg(ham_image, arch, size, resampler):
     import timm.data
     from timm.models import get_pretrained_cfg
 
@@ -140,7 +172,8 @@ def test_efficientnet_lite_matches_timm_pretrained_cfg(ham_image, arch, size):
         crop_pct=cfg["crop_pct"],
         crop_mode=cfg["crop_mode"],
     )
-    assert torch.allclose(get_preset("efficientnet-lite", size)(ham_image), transform(ham_image), atol=1e-5)
+    preset = get_preset("efficientnet-lite", size, resampler)
+    _assert_matches(preset(ham_image), transform(ham_image), preset, resampler)
 
 
 def _resized_crop(image: Image.Image, size: int) -> np.ndarray:
@@ -225,14 +258,35 @@ def test_medmnist_arrays_match_pil_path(medmnist_images, name):
     preset = get_preset(name, 224)
     batch = preset.from_arrays(medmnist_images)
     assert batch.shape == (len(medmnist_images), 3, 224, 224) and batch.dtype == torch.float32
-    via_pil = torch.stack([preset(Image.fromarray(a)) for a in medmnist_images])
-    # torch's antialiased uint8 resize reproduces PIL's: bilinear exactly, bicubic to 2 grey levels
+    one_by_one = torch.stack([preset(Image.fromarray(a)) for a in medmnist_images])
+    assert torch.equal(batch, one_by_one)  # both resize in torch: grey once, then copied to R, G, B
+    # PIL's resize of the same images: bilinear equal, bicubic within 2 grey levels
+    via_pil = torch.stack([get_preset(name, 224, "pil")(Image.fromarray(a)) for a in medmnist_images])
     one_level = 1.0 / 255.0 / min(preset.std) if not preset.robust else 0.5
     assert (batch - via_pil).abs().max() <= 2 * one_level + 1e-5
     assert (batch - via_pil).abs().mean() < 0.05 * one_level
     single = preset.from_array(medmnist_images[0])
     assert torch.equal(single, batch[0])
     assert torch.equal(preset.from_array(np.repeat(medmnist_images[0][..., None], 3, axis=2)), single)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_large_reduction_averages_blocks_first_like_pil(ham_image, interpolation):
+    """A 2000x1500 PNG (no JPEG draft) to 224: an integer block average, then the antialiased resize."""
+    big = ham_image.resize((2000, 1500), Image.Resampling.BICUBIC)
+    preset = get_preset("imagenet" if interpolation == "bilinear" else "clip", 224)
+    pil = get_preset(preset.name, 224, "pil")
+    assert preset.pixels(big).shape == (224, 224, 3)
+    difference = np.abs(preset.pixels(big).astype(int) - pil.pixels(big))
+    assert difference.mean() < 0.02 and difference.max() <= 2  # PIL reduces by the same blocks
+    # one antialiased resize of the full image, no block average, lands measurably further from PIL
+    direct = preset._resize_crop(np.array(big)[None])[0]
+    assert np.abs(direct.astype(int) - pil.pixels(big)).mean() > 0.05
+
+
+def test_unknown_resampler_is_refused():
+    with pytest.raises(EncoderError, match="unknown resampler 'cv2'"):
+        get_preset("imagenet", 224, "cv2")
 
 
 def test_from_array_rejects_bad_shapes():
