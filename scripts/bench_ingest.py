@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sweep-workers", default="",
                         help="also time ingest with each of these decode-thread counts (e.g. 0,1,2,3), "
                              "--repeat interleaved rounds, in this process")
+    parser.add_argument("--preprocess-paths", action="store_true",
+                        help="only time decode + preprocess alone, the previous path against the current one")
     parser.add_argument("--rss-sizes", default="1000,8013",
                         help="image counts of the peak-RSS ingests (each in a child process); '' skips")
     parser.add_argument("--keep-store", type=Path, default=None,
@@ -203,6 +205,59 @@ def speed(args) -> tuple[list[dict], list[dict], dict]:
     return rows, goals, raw
 
 
+def preprocess_paths(args) -> list[dict]:
+    """Decode + preprocess alone (no forward), on one thread of decoding, two ways, interleaved rounds.
+
+    before: PIL's resize, each image normalised on its own, the batch stacked, then
+    copied into channels-last (mediret until 2026-12-02); now: torch's antialiased
+    uint8 resize, the batch normalised once straight into channels-last.
+    """
+    import dataclasses
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    records = _bench.ham_scan(args.images, seed=args.seed).records
+    now = load(args).preprocess
+    before = dataclasses.replace(now, resampler="pil")
+
+    def run_before():
+        for i in range(0, len(records), args.batch_size):
+            tensors = []
+            for record in records[i:i + args.batch_size]:
+                with Image.open(record.source) as image:
+                    tensors.append(before(image))
+            torch.stack(tensors).contiguous(memory_format=torch.channels_last)
+
+    def run_now():
+        for i in range(0, len(records), args.batch_size):
+            pixels = []
+            for record in records[i:i + args.batch_size]:
+                with Image.open(record.source) as image:
+                    pixels.append(now.pixels(image))
+            now.normalise_batch(np.stack(pixels))
+
+    best: dict[str, float] = {}
+    for _ in range(max(args.repeat, 3)):
+        for name, run in (("before", run_before), ("now", run_now)):
+            started = time.perf_counter()
+            run()
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - started)
+    n = len(records)
+    rows = [{"preprocessing": "before: PIL resize, per-image normalisation, stack, channels-last copy",
+             "images": n, "seconds": best["before"], "img/s": n / best["before"], "x before": 1.0},
+            {"preprocessing": "now: torch uint8 resize, one normalisation per batch into channels-last",
+             "images": n, "seconds": best["now"], "img/s": n / best["now"], "x before": best["before"] / best["now"]}]
+    print(f"\ndecode + preprocess alone, {preprocess_label(now)}, best of {max(args.repeat, 3)} interleaved rounds:\n")
+    print(_bench.table(rows))
+    return rows
+
+
+def preprocess_label(preprocess) -> str:
+    return f"preset {preprocess.name} ({preprocess.interpolation}, shorter side {preprocess.resize_size})"
+
+
 def sweep_workers(args) -> list[dict]:
     """Ingest img/s at each decode-thread count, interleaved rounds, the best round of each kept."""
     counts = [int(c) for c in args.sweep_workers.split(",") if c.strip()]
@@ -320,6 +375,12 @@ def main(argv=None) -> int:
         return naive_child(args)
     import torch  # noqa: F401  (so the header reports torch's threads)
 
+    if args.preprocess_paths:
+        info = _bench.print_header("Decode + preprocess: the previous path vs the current one")
+        rows = preprocess_paths(args)
+        _bench.write_json(args.json, {"benchmark": "ingest-preprocess-paths", "command": _bench.command_line(),
+                                      "machine": info, "args": vars(args), "results": rows})
+        return 0
     info = _bench.print_header("Ingest end to end: mediret ingest vs naive loop vs bare forward")
     rows, goals, raw = speed(args)
     print()
@@ -338,7 +399,8 @@ def main(argv=None) -> int:
     print(f"\nload average at end: {' '.join(str(x) for x in end_load)}")
     _bench.write_json(args.json, {"benchmark": "ingest", "command": _bench.command_line(), "machine": info,
                                   "load_at_end": end_load, "args": vars(args), "results": rows,
-                                  "raw": raw, "rss": rss_rows, "workers_sweep": sweep_rows, "goals": goals})
+                                  "raw": raw, "rss": rss_rows, "workers_sweep": sweep_rows,
+                                  "goals": goals})
     return 0
 
 
