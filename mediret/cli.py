@@ -111,7 +111,8 @@ def cli():
 @click.option("--seed", default=0, show_default=True, help="Seed of the train/test splits.")
 @click.option("--test-fraction", default=0.2, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--commit-every", default=1024, show_default=True, type=click.IntRange(1),
-              help="Images between durable commits (what an interruption can lose).")
+              help="Images between durable commits (what an interruption can lose); on large "
+                   "stores commits also wait until they would take under 5% of the time.")
 @click.option("--limit", default=None, type=click.IntRange(1),
               help="Ingest only the first N new images (a quick trial).")
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")

@@ -19,6 +19,10 @@ from .splits import group_split, random_split
 from .store import EncoderInfo, Store
 
 
+# At most this share of an ingest's time goes to commits (see commit_due).
+COMMIT_TIME_SHARE = 0.05
+
+
 @dataclass
 class IngestReport:
     """What one ingest did.
@@ -145,6 +149,18 @@ def _batches(items: Iterator[_Prepared], size: int) -> Iterator[list[_Prepared]]
         yield batch
 
 
+def commit_due(seconds_since_last: float, last_commit_seconds: float) -> bool:
+    """Whether enough work has passed since the last commit for another one.
+
+    A commit rewrites the whole index file (hundreds of MB at 100k+ images), so
+    the time since the last commit must be at least 19x what that commit took:
+    commits then take at most 5 % of an ingest, at any store size, instead of
+    growing with the square of it. Small stores (commits of milliseconds) still
+    commit every ``commit_every`` images.
+    """
+    return seconds_since_last >= last_commit_seconds * (1 / COMMIT_TIME_SHARE - 1)
+
+
 def open_store_for(store_path: str | Path, encoder, scan: DatasetScan) -> Store:
     """Open (or create) the store at ``store_path`` for ``encoder``, refusing a mismatch."""
     info = EncoderInfo(name=encoder.spec.name, dim=encoder.dim,
@@ -200,8 +216,9 @@ def ingest(scan: DatasetScan, store_path: str | Path, encoder, *, batch_size: in
 
     Records whose ``image_id`` is already stored are skipped (resume, idempotence);
     an image whose bytes equal a stored one gets a copy of its vector without a
-    forward pass. Work is committed every ``commit_every`` images, so an
-    interrupted ingest loses at most that much. ``limit`` ingests only the first
+    forward pass. Work is committed every ``commit_every`` images, or less often
+    once commits get slow (``commit_due``: at most 5 % of the time), so an
+    interrupted ingest loses at most that much, or 19x one commit's time. ``limit`` ingests only the first
     N new records (for trials). ``workers``: decoding threads beside the forward
     pass (0: decode inline, between batches).
     """
@@ -230,7 +247,7 @@ def ingest(scan: DatasetScan, store_path: str | Path, encoder, *, batch_size: in
         known = store.hashes()
         stream = prepared_stream(todo, encoder.preprocess.pixels, workers, dict(known),
                                  prefetch=max(2 * batch_size, 4 * workers))
-        since_commit = 0
+        since_commit, last_commit_end, last_commit_seconds = 0, time.perf_counter(), 0.0
         bar = tqdm(total=len(todo), unit="img", desc=f"ingest {scan.name}", disable=not progress,
                    dynamic_ncols=True, smoothing=0.1)
         try:
@@ -239,8 +256,12 @@ def ingest(scan: DatasetScan, store_path: str | Path, encoder, *, batch_size: in
                 report.added += added
                 since_commit += added
                 bar.update(len(batch))
-                if since_commit >= commit_every:
+                if since_commit >= commit_every and commit_due(time.perf_counter() - last_commit_end,
+                                                               last_commit_seconds):
+                    commit_started = time.perf_counter()
                     store.commit()
+                    last_commit_end = time.perf_counter()
+                    last_commit_seconds = last_commit_end - commit_started
                     since_commit = 0
         except KeyboardInterrupt:
             report.interrupted = True

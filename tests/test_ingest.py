@@ -112,6 +112,35 @@ def test_killed_ingest_resumes_to_the_same_store(tmp_path, ham_store, ham_subset
             whole.labelled_matrix("group").split.tolist()
 
 
+def test_slow_commits_are_spaced_out(tmp_path, ham_subset, monkeypatch):
+    """Each commit rewrites the index file; when that is slow, commits wait (at most 5 % of the time)."""
+    calls = []
+    real_commit = Store.commit
+
+    def slow_commit(self):
+        calls.append(time.perf_counter())
+        time.sleep(0.5)  # as an index file of a few hundred MB would take
+        real_commit(self)
+
+    monkeypatch.setattr(Store, "commit", slow_commit)
+    scan = read_dataset(ham_subset[0])
+    report = ingest(scan, tmp_path / "store", ThumbnailEncoder(), batch_size=8, commit_every=8,
+                    workers=0, progress=False)
+    assert report.added == len(scan.records) >= 100
+    seconds = time.perf_counter() - calls[0]
+    # every 8 images would be 13+ commits; spaced out, they take at most 5 % of the time after the first
+    assert len(calls) - 1 <= 1 + 0.05 * seconds / 0.5
+    with Store.open(tmp_path / "store") as store:
+        assert len(store) == store.index.ntotal == report.added
+
+
+def test_commit_due_keeps_commits_under_five_percent():
+    from mediret.ingest import commit_due
+
+    assert commit_due(0.0, 0.0)  # fast commits: every commit_every images
+    assert not commit_due(18.9, 1.0) and commit_due(19.0, 1.0)  # 1 s commit: 19 s of work between
+
+
 @pytest.fixture
 def damaged_ham(tmp_path):
     """A real HAM10000 subset with one instance of every kind of bad input."""
