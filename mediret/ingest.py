@@ -119,8 +119,8 @@ def prepared_stream(records: Iterable[ImageRecord], to_pixels: Callable, workers
                     known_hashes: dict, prefetch: int) -> Iterator[_Prepared]:
     """Decode records in ``workers`` threads, in order, holding at most ``prefetch`` in flight.
 
-    ``to_pixels`` is the PIL half of preprocessing (decode, resize, crop to uint8),
-    which releases the GIL, so threads overlap it with the encoder's forward pass;
+    ``to_pixels`` decodes (PIL), resizes and crops (torch) to uint8; both release
+    the GIL, so threads overlap them with the encoder's forward pass;
     normalisation runs once per batch (``_store_batch``). The bounded window keeps
     memory flat however large the dataset.
     """
@@ -218,9 +218,9 @@ def ingest(scan: DatasetScan, store_path: str | Path, encoder, *, batch_size: in
     an image whose bytes equal a stored one gets a copy of its vector without a
     forward pass. Work is committed every ``commit_every`` images, or less often
     once commits get slow (``commit_due``: at most 5 % of the time), so an
-    interrupted ingest loses at most that much, or 19x one commit's time. ``limit`` ingests only the first
-    N new records (for trials). ``workers``: decoding threads beside the forward
-    pass (0: decode inline, between batches).
+    interrupted ingest loses at most that much, or 19x one commit's time.
+    ``limit`` ingests only the first N new records (for trials). ``workers``:
+    decoding threads beside the forward pass (0: decode inline, between batches).
     """
     from tqdm import tqdm
 
