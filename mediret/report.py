@@ -91,7 +91,7 @@ def header_lines(result: ClassifyResult) -> list[str]:
                      "training image")
     rare = {name: n for name, n in s.train_class_counts.items() if n < result.settings.cv}
     if rare:
-        lines.append(f"rare       fewer training images than CV folds: "
+        lines.append("rare       fewer training images than CV folds: "
                      + ", ".join(f"{name} {n}" for name, n in rare.items()))
     if s.classes_absent:
         lines.append(f"absent     classes without images, left out: {', '.join(s.classes_absent)}")

@@ -261,8 +261,6 @@ def with_omp(threads: int, fn):
 
 def recall_at(approx_ids, truth_ids, query_ids, k: int = K) -> float:
     """Mean |approx top-k ∩ exact top-k| / k, each query's own id (if stored) left out of both."""
-    import numpy as np
-
     total = 0.0
     for q in range(len(approx_ids)):
         own = None if query_ids is None else int(query_ids[q])
@@ -324,7 +322,7 @@ def flat_part(data: Dataset, args, out: dict) -> dict:
     best_single = max(singles, key=lambda r: r["q/s"])
     out.update({"stream_rates_GBps": {k: v / 1e9 for k, v in rates.items()}, "bound_qps": bound,
                 "index_bytes": data.nbytes, "flat_rows": rows, "flat_single_best": best_single})
-    print(f"  numpy streaming: " + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in rates.items()))
+    print("  numpy streaming: " + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in rates.items()))
     print(f"  bound: {rate / 1e9:.1f} GB/s / {data.nbytes / 1e9:.2f} GB = {bound:.2f} single queries/s")
     print(_bench.table(rows))
     return best_single
