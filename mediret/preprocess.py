@@ -154,7 +154,7 @@ class Preprocess:
         return batch if channels_last else batch.contiguous()
 
     def load(self, path: str | Path) -> torch.Tensor:
-        """Open an image file and preprocess it (large JPEGs are draft-decoded, see ``__call__``)."""
+        """Open an image file and preprocess it (large JPEGs are draft-decoded, see ``pixels``)."""
         from PIL import Image
 
         with Image.open(path) as image:

@@ -91,6 +91,18 @@ def load(args, optimize: bool = True):
 # ---- the three contenders ------------------------------------------------------------------
 
 
+def opened_batches(records, batch_size: int, per_image):
+    """For each batch of ``records``: [per_image(PIL image) for its images], files opened as ingest does."""
+    from PIL import Image
+
+    for i in range(0, len(records), batch_size):
+        batch = []
+        for record in records[i:i + batch_size]:
+            with Image.open(record.source) as image:
+                batch.append(per_image(image))
+        yield batch
+
+
 def run_ingest(scan, encoder, args) -> tuple[float, dict]:
     from mediret.ingest import ingest
 
@@ -140,7 +152,6 @@ def run_naive(records, reference) -> float:
 def speed(args) -> tuple[list[dict], list[dict], dict]:
     import numpy as np
     import torch
-    from PIL import Image
 
     scan = _bench.ham_scan(args.images, seed=args.seed)
     records = scan.records
@@ -155,13 +166,8 @@ def speed(args) -> tuple[list[dict], list[dict], dict]:
     # The batches are in the layout ingest hands the model (channels-last for most encoders),
     # so the bare forward pays no layout conversion either.
     started = time.perf_counter()
-    batches = []
-    for i in range(0, len(records), args.batch_size):
-        pixels = []
-        for record in records[i:i + args.batch_size]:
-            with Image.open(record.source) as image:
-                pixels.append(encoder.preprocess.pixels(image))
-        batches.append(encoder.preprocess.normalise_batch(np.stack(pixels), encoder.channels_last))
+    batches = [encoder.preprocess.normalise_batch(np.stack(pixels), encoder.channels_last)
+               for pixels in opened_batches(records, args.batch_size, encoder.preprocess.pixels)]
     decode_seconds = time.perf_counter() - started
     batch = torch.cat(batches).contiguous(memory_format=torch.channels_last if encoder.channels_last
                                           else torch.contiguous_format)
@@ -224,26 +230,17 @@ def preprocess_paths(args) -> list[dict]:
 
     import numpy as np
     import torch
-    from PIL import Image
 
     records = _bench.ham_scan(args.images, seed=args.seed).records
     now = load(args).preprocess
     before = dataclasses.replace(now, resampler="pil")
 
     def run_before():
-        for i in range(0, len(records), args.batch_size):
-            tensors = []
-            for record in records[i:i + args.batch_size]:
-                with Image.open(record.source) as image:
-                    tensors.append(before(image))
+        for tensors in opened_batches(records, args.batch_size, before):
             torch.stack(tensors).contiguous(memory_format=torch.channels_last)
 
     def run_now():
-        for i in range(0, len(records), args.batch_size):
-            pixels = []
-            for record in records[i:i + args.batch_size]:
-                with Image.open(record.source) as image:
-                    pixels.append(now.pixels(image))
+        for pixels in opened_batches(records, args.batch_size, now.pixels):
             now.normalise_batch(np.stack(pixels))
 
     best: dict[str, float] = {}
@@ -257,13 +254,10 @@ def preprocess_paths(args) -> list[dict]:
              "images": n, "seconds": best["before"], "img/s": n / best["before"], "x before": 1.0},
             {"preprocessing": "now: torch uint8 resize, one normalisation per batch into channels-last",
              "images": n, "seconds": best["now"], "img/s": n / best["now"], "x before": best["before"] / best["now"]}]
-    print(f"\ndecode + preprocess alone, {preprocess_label(now)}, best of {max(args.repeat, 3)} interleaved rounds:\n")
+    print(f"\ndecode + preprocess alone, preset {now.name} ({now.interpolation}, shorter side {now.resize_size}), "
+          f"best of {max(args.repeat, 3)} interleaved rounds:\n")
     print(_bench.table(rows))
     return rows
-
-
-def preprocess_label(preprocess) -> str:
-    return f"preset {preprocess.name} ({preprocess.interpolation}, shorter side {preprocess.resize_size})"
 
 
 def sweep_workers(args) -> list[dict]:
@@ -407,8 +401,7 @@ def main(argv=None) -> int:
     print(f"\nload average at end: {' '.join(str(x) for x in end_load)}")
     _bench.write_json(args.json, {"benchmark": "ingest", "command": _bench.command_line(), "machine": info,
                                   "load_at_end": end_load, "args": vars(args), "results": rows,
-                                  "raw": raw, "rss": rss_rows, "workers_sweep": sweep_rows,
-                                  "goals": goals})
+                                  "raw": raw, "rss": rss_rows, "workers_sweep": sweep_rows, "goals": goals})
     return 0
 
 
