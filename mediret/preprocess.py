@@ -24,10 +24,10 @@ crop_pct (0.875 at 224: resize to 256, crop 224).
 
 Resampling runs in torch's antialiased uint8 kernels (``resampler="torch"``, the
 default): the same arithmetic as torchvision's ``Resize(antialias=True)`` on
-uint8 tensors, 3-4x faster than PIL's here (one image, one thread), within 2 grey levels of
-PIL's resize (bicubic: about 0.5 % of values differ, bilinear: about 1 in
-10,000; EfficientNet-Lite0 embeddings of real HAM10000 images keep cosine
->= 0.9999 to the PIL path). ``resampler="pil"`` resizes with PIL instead, and
+uint8 tensors, faster than PIL's (BENCHMARKS.md part 2), and within 2 grey
+levels of PIL's resize with under 1 % of values differing on real HAM10000
+images (EfficientNet-Lite0 embeddings keep cosine >= 0.9999 to the PIL path;
+the tests check all three). ``resampler="pil"`` resizes with PIL instead, and
 then ``imagenet``, ``clip`` and ``efficientnet-lite`` equal torchvision's,
 open_clip's and timm's evaluation transforms on PIL images exactly. The tests
 check both.
