@@ -62,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sweep-workers", default="",
                         help="also time ingest with each of these decode-thread counts (e.g. 0,1,2,3), "
                              "--repeat interleaved rounds, in this process")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time one more ingest by component (forward, normalisation, store, waiting "
+                             "for decoding) between two bare-forward passes: where the ratio to the bare forward goes")
     parser.add_argument("--preprocess-paths", action="store_true",
                         help="only time decode + preprocess alone, the previous path against the current one")
     parser.add_argument("--rss-sizes", default="1000,8013",
@@ -185,6 +188,7 @@ def speed(args) -> tuple[list[dict], list[dict], dict]:
         seconds, detail = run_ingest(scan, encoder, args)
         times["ingest"].append(seconds)
         print(f"  mediret ingest: {seconds:.2f} s", flush=True)
+    breakdown_rows = breakdown(scan, encoder, batch, args) if args.breakdown else []
     del batch
     naive = [first_naive, naive_in_child(len(records), len(naive_records), args)]
     eager_one = min(n["eager_batch1_s"] for n in naive)
@@ -215,8 +219,80 @@ def speed(args) -> tuple[list[dict], list[dict], dict]:
              _bench.goal_line("ingest vs bare forward", ingest_ips / bare_ips, BARE_GOAL)]
     raw = {"ingest_s": times["ingest"], "bare_s": times["bare"], "naive_s": naive_seconds,
            "decode_preprocess_s": decode_seconds, "eager_batch1_s": eager_one, "ingest_report": detail,
-           **raw_naive}
+           "breakdown": breakdown_rows, **raw_naive}
     return rows, goals, raw
+
+
+def breakdown(scan, encoder, batch, args) -> list[dict]:
+    """One more ingest, its main thread's time split by component, between two bare-forward passes.
+
+    The forward inside ingest against the bare forward shows what the decoding
+    threads cost it; the rest of the ingest's wall time is the main thread's own
+    serial work (normalising and stacking each batch, store writes, opening the
+    store, split assignment) and any waiting for decoding. Wrappers around the
+    encoder's methods and the store's, for this pass only.
+    """
+    from collections import Counter
+
+    import mediret.ingest as ingest_module
+    from mediret.store import Store
+
+    spent: Counter = Counter()
+
+    def timed(name, function):
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - started
+        return wrapper
+
+    def timed_batches(items, size):
+        batches = saved["_batches"](items, size)
+        while True:
+            started = time.perf_counter()
+            try:
+                chunk = next(batches)
+            except StopIteration:
+                return
+            finally:
+                spent["waiting for decoded images"] += time.perf_counter() - started
+            yield chunk
+
+    saved = {"_batches": ingest_module._batches, "open_store_for": ingest_module.open_store_for,
+             "assign_splits": ingest_module.assign_splits}
+    saved_store = {"add": Store.add, "commit": Store.commit}
+    bare_before = run_bare(batch, encoder, args.batch_size)
+    encoder.embed_batch = timed("forward", encoder.embed_batch)  # instance attributes, deleted below
+    encoder.embed_pixels = timed("embed_pixels", encoder.embed_pixels)
+    ingest_module._batches = timed_batches
+    ingest_module.open_store_for = timed("opening the store", saved["open_store_for"])
+    ingest_module.assign_splits = timed("split assignment", saved["assign_splits"])
+    Store.add = timed("store writes (add)", saved_store["add"])
+    Store.commit = timed("commits", saved_store["commit"])
+    try:
+        seconds, _ = run_ingest(scan, encoder, args)
+    finally:
+        del encoder.embed_batch, encoder.embed_pixels
+        for name, function in saved.items():
+            setattr(ingest_module, name, function)
+        for name, function in saved_store.items():
+            setattr(Store, name, function)
+    bare_after = run_bare(batch, encoder, args.batch_size)
+    bare = min(bare_before, bare_after)
+    spent["normalising and stacking batches"] = spent.pop("embed_pixels") - spent["forward"]
+    spent["other (main thread)"] = seconds - sum(spent.values())
+    rows = [{"part of the ingest": "whole ingest", "seconds": seconds, "share": 1.0, "x bare forward": seconds / bare},
+            {"part of the ingest": "bare forward, same images (faster of the passes before and after)",
+             "seconds": bare, "share": None, "x bare forward": 1.0}]
+    rows += [{"part of the ingest": name, "seconds": value, "share": value / seconds,
+              "x bare forward": value / bare if name == "forward" else None}
+             for name, value in spent.most_common()]
+    print(f"\none more ingest by component (bare forward {bare_before:.2f} s before it, {bare_after:.2f} s after):\n")
+    print(_bench.table(rows))
+    print(flush=True)
+    return rows
 
 
 def preprocess_paths(args) -> list[dict]:
