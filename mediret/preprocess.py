@@ -194,13 +194,12 @@ class Preprocess:
 
         if self.channel_order == "BGR":
             pixels = pixels.flip(1)
-        x = pixels.to(torch.float32)
         if self.robust:
-            return _median_mad(x)
+            return _median_mad(pixels.to(torch.float32))
         std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
         mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        # (x * scale - mean) / std as one in-place multiply and subtract.
-        return x.mul_(self.scale / std).sub_(mean / std)
+        # (x * scale - mean) / std in one pass from uint8: x * (scale / std) + (-mean / std).
+        return torch.addcmul(-mean / std, pixels, self.scale / std)
 
 
 def _preset_imagenet(size: int) -> Preprocess:
