@@ -24,6 +24,7 @@ images held for the bare forward) for both sizes.
 
     python scripts/bench_ingest.py --json reports/bench/ingest.json
     python scripts/bench_ingest.py --quick
+    python scripts/bench_ingest.py --rss-sizes '' --breakdown   # the speed part, plus where ingest's time goes
     python scripts/bench_ingest.py --rss-sizes 1000,8013 --keep-store indexes/bench-ham10000-efficientnet-lite0
 
 ``--keep-store`` keeps the largest RSS run's store (parts 3 and 4 use the full one).
