@@ -234,6 +234,8 @@ def breakdown(scan, encoder, batch, args) -> list[dict]:
     encoder's methods and the store's, for this pass only.
     """
     from collections import Counter
+    from contextlib import ExitStack
+    from unittest import mock
 
     import mediret.ingest as ingest_module
     from mediret.store import Store
@@ -249,8 +251,8 @@ def breakdown(scan, encoder, batch, args) -> list[dict]:
                 spent[name] += time.perf_counter() - started
         return wrapper
 
-    def timed_batches(items, size):
-        batches = saved["_batches"](items, size)
+    def timed_batches(items, size, batches=ingest_module._batches):
+        batches = batches(items, size)
         while True:
             started = time.perf_counter()
             try:
@@ -261,25 +263,15 @@ def breakdown(scan, encoder, batch, args) -> list[dict]:
                 spent["waiting for decoded images"] += time.perf_counter() - started
             yield chunk
 
-    saved = {"_batches": ingest_module._batches, "open_store_for": ingest_module.open_store_for,
-             "assign_splits": ingest_module.assign_splits}
-    saved_store = {"add": Store.add, "commit": Store.commit}
     bare_before = run_bare(batch, encoder, args.batch_size)
-    encoder.embed_batch = timed("forward", encoder.embed_batch)  # instance attributes, deleted below
-    encoder.embed_pixels = timed("embed_pixels", encoder.embed_pixels)
-    ingest_module._batches = timed_batches
-    ingest_module.open_store_for = timed("opening the store", saved["open_store_for"])
-    ingest_module.assign_splits = timed("split assignment", saved["assign_splits"])
-    Store.add = timed("store writes (add)", saved_store["add"])
-    Store.commit = timed("commits", saved_store["commit"])
-    try:
+    with ExitStack() as patches:  # every wrapper is removed again on leaving
+        for owner, name, label in ((encoder, "embed_batch", "forward"), (encoder, "embed_pixels", "embed_pixels"),
+                                   (ingest_module, "open_store_for", "opening the store"),
+                                   (ingest_module, "assign_splits", "split assignment"),
+                                   (Store, "add", "store writes (add)"), (Store, "commit", "commits")):
+            patches.enter_context(mock.patch.object(owner, name, timed(label, getattr(owner, name))))
+        patches.enter_context(mock.patch.object(ingest_module, "_batches", timed_batches))
         seconds, _ = run_ingest(scan, encoder, args)
-    finally:
-        del encoder.embed_batch, encoder.embed_pixels
-        for name, function in saved.items():
-            setattr(ingest_module, name, function)
-        for name, function in saved_store.items():
-            setattr(Store, name, function)
     bare_after = run_bare(batch, encoder, args.batch_size)
     bare = min(bare_before, bare_after)
     spent["normalising and stacking batches"] = spent.pop("embed_pixels") - spent["forward"]
