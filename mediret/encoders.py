@@ -125,8 +125,9 @@ class Encoder:
 
     weights_source: where the weights came from (a file path, with the package or
         cache it belongs to, or ``random``).
-    optimized: whether the fast inference path (BatchNorm folded into convolutions,
-        channels-last layout, activation buffers kept by the allocator: see
+    optimized: whether the fast inference path (BatchNorm folded into convolutions and,
+        on CPU, convolutions fused with their activations: see ``mediret.fastpath``;
+        channels-last layout; activation buffers kept by the allocator: see
         ``mediret.allocator``) is in use; ``False`` is the plain eager reference.
     precision: ``fp32``, ``bf16 (...)`` once a bfloat16 copy of the model has
         passed its check, or ``pending bf16 check`` before the first batch.
@@ -274,17 +275,19 @@ def load_encoder(
     model = built.model.eval()
     channels_last = False
     if optimize:
+        from mediret.fastpath import optimize as fast_path
+
         keep_freed_memory()
-        model = _optimize(model, spec)
+        model = fast_path(model, spec.name, spec.input_size, fuse=torch_device.type == "cpu")
         channels_last = spec.channels_last
     model = model.to(torch_device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     bf16_model = None
     if optimize and precision == "auto" and torch_device.type == "cpu" and native_bf16():
-        import copy
+        from mediret.fastpath import to_bfloat16
 
-        bf16_model = copy.deepcopy(model).to(torch.bfloat16)
+        bf16_model = to_bfloat16(model, spec.input_size)
     return Encoder(spec, model, get_preset(preset, spec.input_size), source, str(torch_device), optimize,
                    channels_last, bf16_model)
 
@@ -534,75 +537,6 @@ def _sha256(path: Path) -> str:
 
 
 # --- fast path ----------------------------------------------------------------------------------
-
-
-def _optimize(model: Any, spec: EncoderSpec) -> Any:
-    """Fold BatchNorm into the preceding convolution, keeping the result only if outputs stay equal.
-
-    Folding saves a pass over every activation map (EfficientNet-Lite0 has 49 BNs). On
-    2 CPU cores, batch 32, EfficientNet-Lite0 went from ~37 img/s (eager) to ~65
-    (channels-last) to ~118 (channels-last + folding). The output check guards against
-    an architecture whose registration order differs from its execution order.
-    """
-    import copy
-
-    import torch
-
-    if not any(True for _ in _conv_bn_pairs(model)):
-        return model
-    folded = copy.deepcopy(model)
-    _fold_batchnorm(folded)
-    size = spec.input_size
-    probe = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        reference, candidate = model(probe).float(), folded(probe).float()
-    cosine = torch.nn.functional.cosine_similarity(reference, candidate, dim=1).min().item()
-    if not cosine >= 0.99999:
-        log.warning("BatchNorm folding changed %s's outputs (cosine %.6f); using the unfolded model", spec.name, cosine)
-        return model
-    return folded
-
-
-def _batchnorm_act_class() -> type | None:
-    try:
-        from timm.layers import BatchNormAct2d
-    except ImportError:  # timm is optional for torchvision-only models
-        return None
-    return BatchNormAct2d
-
-
-def _conv_bn_pairs(model: Any) -> Iterator[tuple[Any, str, str]]:
-    """(parent, conv name, norm name) for each BatchNorm2d with running stats registered right after a Conv2d."""
-    from torch import nn
-
-    norms = tuple(t for t in (nn.BatchNorm2d, _batchnorm_act_class()) if t is not None)
-    for parent in list(model.modules()):
-        names = list(parent._modules)
-        for first, second in zip(names, names[1:]):
-            conv, norm = parent._modules[first], parent._modules[second]
-            if isinstance(conv, nn.Conv2d) and type(norm) in norms and norm.running_mean is not None:
-                yield parent, first, second
-
-
-def _fold_batchnorm(model: Any) -> int:
-    """Fold each BatchNorm of ``_conv_bn_pairs`` into its convolution (in place); returns the count.
-
-    timm's BatchNormAct2d (BN + activation) is replaced by its activation.
-    """
-    from torch import nn
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    batchnorm_act = _batchnorm_act_class()
-    count = 0
-    for parent, first, second in list(_conv_bn_pairs(model)):
-        conv, norm = parent._modules[first], parent._modules[second]
-        parent._modules[first] = fuse_conv_bn_eval(conv, norm)  # copies conv, keeps its class
-        if batchnorm_act is not None and isinstance(norm, batchnorm_act):
-            parent._modules[second] = nn.Sequential(norm.drop, norm.act)
-        else:
-            parent._modules[second] = nn.Identity()
-        count += 1
-    return count
 
 
 # --- clip-vit-b-32 ------------------------------------------------------------------------------

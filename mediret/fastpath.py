@@ -1,0 +1,253 @@
+"""The encoders' fast path: rewrites of a model that keep its outputs and save passes over memory.
+
+- **BatchNorm folding**: each BatchNorm right after a convolution is folded into
+  that convolution's weights and bias (one pass over every activation map saved;
+  EfficientNet-Lite0 has 49 BNs).
+- **Convolution + activation fusion** (CPU): a convolution and the ReLU or ReLU6
+  after it run as one oneDNN call, the activation applied as the convolution
+  writes its output (a oneDNN post-op, the call inductor's CPU fusion makes), and
+  a TensorFlow-"same" convolution (timm's ``Conv2dSame``) pads inside the kernel
+  instead of copying a padded input. EfficientNet-Lite0 spends about a quarter of
+  its eager forward on exactly these two passes (its profile: ``F.pad`` 11 %,
+  the in-place ReLU6 12 %).
+
+"Same" padding of a stride-2 convolution over an even-sized input is asymmetric
+(TensorFlow pads one more at the end, e.g. 0 before and 1 after for a 3x3 kernel),
+which a convolution's own padding argument cannot express. The kernel grown by
+one zero row and column at its start, with the larger (after) padding on both
+sides, computes exactly the same sums: the extra tap multiplies the extra
+leading pad by zero.
+
+``optimize`` keeps each rewrite only if the model's outputs on a probe batch stay
+equal (cosine >= ``SAME_OUTPUT_COSINE``), so a model whose module registration
+order differs from its execution order keeps its plain form.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+SAME_OUTPUT_COSINE = 0.99999
+
+
+def optimize(model: Any, name: str, input_size: int, fuse: bool) -> Any:
+    """``model`` (eval mode) with BatchNorm folded and, if ``fuse``, convolutions fused with activations.
+
+    Returns ``model`` itself when nothing applies; rewrites work on copies. ``fuse``
+    only on CPU with oneDNN (the fused call has no CUDA kernel).
+    """
+    probe = torch.randn(2, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        reference = model(probe).float()
+
+    def keep_if_equal(candidate: Any, what: str) -> bool:
+        try:
+            with torch.inference_mode():
+                output = candidate(probe).float()
+        except RuntimeError as exc:  # e.g. a oneDNN build without the fused operator
+            log.warning("%s: %s failed on a probe batch (%s); not used", name, what, exc)
+            return False
+        cosine = torch.nn.functional.cosine_similarity(reference, output, dim=1).min().item()
+        if not cosine >= SAME_OUTPUT_COSINE:
+            log.warning("%s: %s changed the outputs (cosine %.6f); not used", name, what, cosine)
+            return False
+        return True
+
+    if any(True for _ in _conv_bn_pairs(model)):
+        folded = copy.deepcopy(model)
+        _fold_batchnorm(folded)
+        if keep_if_equal(folded, "BatchNorm folding"):
+            model = folded
+    if fuse and torch.backends.mkldnn.is_available():
+        fused = copy.deepcopy(model)
+        if fuse_conv_activations(fused) and keep_if_equal(fused, "convolution + activation fusion"):
+            model = fused
+    return model
+
+
+def to_bfloat16(model: Any, input_size: int) -> Any:
+    """A bfloat16 copy of ``model``; fused convolutions fall back to two calls where oneDNN refuses bf16.
+
+    oneDNN's fused bf16 convolution needs AVX512 BW/VL/DQ or AVX-NE-CONVERT as torch
+    detects them, which some CPUs with AVX512_BF16 (in some VMs) fail.
+    """
+    candidate = copy.deepcopy(model).to(torch.bfloat16)
+    fused = [m for m in candidate.modules() if isinstance(m, FusedConv2d)]
+    if fused:
+        probe = torch.zeros(1, 3, input_size, input_size, dtype=torch.bfloat16)
+        try:
+            with torch.inference_mode():
+                candidate(probe)
+        except RuntimeError as exc:
+            log.info("oneDNN refuses fused bf16 convolutions here (%s); running them as two calls", exc)
+            for module in fused:
+                module.onednn = False
+    return candidate
+
+
+# ---- BatchNorm folding ---------------------------------------------------------------------------
+
+
+def _batchnorm_act_class() -> type | None:
+    try:
+        from timm.layers import BatchNormAct2d
+    except ImportError:  # timm is optional for torchvision-only models
+        return None
+    return BatchNormAct2d
+
+
+def _conv_bn_pairs(model: Any) -> Iterator[tuple[Any, str, str]]:
+    """(parent, conv name, norm name) for each BatchNorm2d with running stats registered right after a Conv2d."""
+    norms = tuple(t for t in (nn.BatchNorm2d, _batchnorm_act_class()) if t is not None)
+    for parent in list(model.modules()):
+        names = list(parent._modules)
+        for first, second in zip(names, names[1:]):
+            conv, norm = parent._modules[first], parent._modules[second]
+            if isinstance(conv, nn.Conv2d) and type(norm) in norms and norm.running_mean is not None:
+                yield parent, first, second
+
+
+def _fold_batchnorm(model: Any) -> int:
+    """Fold each BatchNorm of ``_conv_bn_pairs`` into its convolution (in place); returns the count.
+
+    timm's BatchNormAct2d (BN + activation) is replaced by ``Sequential(drop, act)``.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    batchnorm_act = _batchnorm_act_class()
+    count = 0
+    for parent, first, second in list(_conv_bn_pairs(model)):
+        conv, norm = parent._modules[first], parent._modules[second]
+        parent._modules[first] = fuse_conv_bn_eval(conv, norm)  # copies conv, keeps its class
+        if batchnorm_act is not None and isinstance(norm, batchnorm_act):
+            parent._modules[second] = nn.Sequential(norm.drop, norm.act)
+        else:
+            parent._modules[second] = nn.Identity()
+        count += 1
+    return count
+
+
+# ---- convolution + activation fusion -------------------------------------------------------------
+
+
+def _same_padding_class() -> type | None:
+    try:
+        from timm.layers import Conv2dSame
+    except ImportError:
+        return None
+    return Conv2dSame
+
+
+def _activation_after(module: Any) -> tuple[bool, str, list[float]]:
+    """Whether ``module`` is an activation oneDNN can apply as a post-op, and that post-op.
+
+    Accepts ReLU, ReLU6 / Hardtanh, and a folded BatchNormAct2d (``Sequential`` of
+    identities and dropouts ending in one of those). Plain identities count as
+    "none" (a ``Conv2dSame`` is still worth rewriting for its padding).
+    """
+    if isinstance(module, nn.Sequential) and len(module):
+        if not all(isinstance(m, (nn.Identity, nn.Dropout)) for m in list(module)[:-1]):
+            return False, "", []
+        module = module[-1]
+    if isinstance(module, nn.ReLU):
+        return True, "relu", []
+    if isinstance(module, nn.Hardtanh):  # ReLU6 is Hardtanh(0, 6)
+        return True, "hardtanh", [float(module.min_val), float(module.max_val)]
+    if isinstance(module, nn.Identity):
+        return True, "none", []
+    return False, "", []
+
+
+def _tf_same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """TensorFlow's "same" padding (before, after) of one spatial dimension, as timm's ``pad_same``."""
+    total = max((-(-size // stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def fuse_conv_activations(model: Any) -> int:
+    """Replace each Conv2d (or timm Conv2dSame) and the activation registered right after it with
+    one ``FusedConv2d`` (in place); returns the count.
+
+    Only convolutions followed by an activation, and "same"-padded ones, are
+    rewritten. Registration order is taken for execution order, as for BatchNorm
+    folding; ``optimize`` checks the outputs.
+    """
+    same_class = _same_padding_class()
+    count = 0
+    for parent in list(model.modules()):
+        names = list(parent._modules)
+        for first, second in zip(names, names[1:]):
+            conv, after = parent._modules[first], parent._modules[second]
+            if type(conv) not in (nn.Conv2d, same_class) or conv.padding_mode != "zeros" \
+                    or isinstance(conv.padding, str):
+                continue
+            fusable, attr, scalars = _activation_after(after)
+            same = same_class is not None and isinstance(conv, same_class)
+            if not fusable or (attr == "none" and not same):
+                continue
+            parent._modules[first] = FusedConv2d(conv, attr, scalars, same)
+            if attr != "none":
+                parent._modules[second] = nn.Identity()
+            count += 1
+    return count
+
+
+class FusedConv2d(nn.Module):
+    """A Conv2d and its activation as one oneDNN call (the activation as a post-op).
+
+    ``attr``/``scalars``: the post-op ("none", "relu", or "hardtanh" with [min, max]).
+    ``same``: TensorFlow-"same" padding computed from the input size at each call,
+    as timm's ``Conv2dSame``; asymmetric padding runs as the kernel grown by one
+    leading zero row and column (see the module docstring), or, with dilation or
+    a mismatch between the two dimensions, as an explicit pad.
+    ``onednn``: False runs the convolution and the activation as two calls (oneDNN
+    refuses the fused bf16 call on some CPUs with native bf16; see ``to_bfloat16``).
+    """
+
+    def __init__(self, conv: nn.Conv2d, attr: str, scalars: list[float], same: bool) -> None:
+        super().__init__()
+        weight = conv.weight.detach().clone()
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_grown", F.pad(weight, (1, 0, 1, 0)) if same else None)
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
+        self.kernel_size, self.stride = tuple(conv.kernel_size), list(conv.stride)
+        self.padding, self.dilation = list(conv.padding), list(conv.dilation)
+        self.groups, self.attr, self.scalars, self.same = conv.groups, attr, scalars, same
+        self.onednn = True  # False: the same arithmetic as separate conv2d and activation calls
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, padding = self.weight, self.padding
+        if self.same:
+            pads = [_tf_same_padding(size, k, s, d) for size, k, s, d in
+                    zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation)]
+            if all(before == after for before, after in pads):
+                padding = [before for before, _ in pads]
+            elif all(after == before + 1 for before, after in pads) and self.dilation == [1, 1]:
+                weight, padding = self.weight_grown, [after for _, after in pads]
+            else:
+                (top, bottom), (left, right) = pads
+                x, padding = F.pad(x, (left, right, top, bottom)), [0, 0]
+        if self.onednn:
+            return torch.ops.mkldnn._convolution_pointwise(x, weight, self.bias, padding, self.stride,
+                                                           self.dilation, self.groups, self.attr, self.scalars, "")
+        y = F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
+        if self.attr == "relu":
+            return y.relu_()
+        if self.attr == "hardtanh":
+            return F.hardtanh_(y, *self.scalars)
+        return y
+
+    def extra_repr(self) -> str:
+        out, inp = self.weight.shape[0], self.weight.shape[1] * self.groups
+        padding = "same (TensorFlow)" if self.same else tuple(self.padding)
+        return (f"{inp}, {out}, kernel_size={self.kernel_size}, stride={tuple(self.stride)}, "
+                f"padding={padding}, groups={self.groups}, activation={self.attr}{self.scalars or ''}")
