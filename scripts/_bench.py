@@ -42,6 +42,19 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_vector_isa() -> str:
+    """The CPU's widest vector instructions as /proc/cpuinfo lists them (the host decides: the same VM
+    type has run on AVX-512 + AVX512_BF16 hosts and on AVX2-only ones, at very different speeds)."""
+    try:
+        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return "unknown"
+    found = [name for flag, name in (("avx512f", "AVX-512"), ("avx512_bf16", "AVX512_BF16"), ("amx_bf16", "AMX"))
+             if flag in flags]
+    return ", ".join(found) if found else ("AVX2" if "avx2" in flags else "no AVX2")
+
+
 def mem_total_gib() -> float | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -59,6 +72,7 @@ def machine() -> dict[str, Any]:
         "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "loadavg": [round(x, 2) for x in os.getloadavg()],
         "cpu": cpu_model(),
+        "cpu_vector_isa": cpu_vector_isa(),
         "mem_total_gib": mem_total_gib(),
         "python": platform.python_version(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -76,7 +90,7 @@ def print_header(title: str) -> dict[str, Any]:
     info = machine()
     print(f"# {title}")
     print(f"command: {command_line()}")
-    print(f"machine: {info['nproc']} cores ({info['cpu']}), {info['mem_total_gib']} GiB RAM; "
+    print(f"machine: {info['nproc']} cores ({info['cpu']}, {info['cpu_vector_isa']}), {info['mem_total_gib']} GiB RAM; "
           f"load average at start {' '.join(str(x) for x in info['loadavg'])} (1/5/15 min)")
     print()
     return info
