@@ -21,6 +21,8 @@ from .store import EncoderInfo, Store
 
 # At most this share of an ingest's time goes to commits (see commit_due).
 COMMIT_TIME_SHARE = 0.05
+# Images a decoding thread takes at a time: same-sized ones are resized in one call.
+DECODE_CHUNK = 8
 
 
 @dataclass
@@ -81,8 +83,8 @@ def open_image(record: ImageRecord, data: bytes | None = None):
     return decode_image(data, record.source)
 
 
-def _prepare(record: ImageRecord, to_pixels: Callable, known_hashes: dict) -> _Prepared:
-    """Read, hash, decode, resize and crop one record; failures become a Problem, never an exception."""
+def _prepare(record: ImageRecord, decode: Callable, known_hashes: dict) -> _Prepared:
+    """Read, hash and decode one record; failures become a Problem, never an exception."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -102,7 +104,7 @@ def _prepare(record: ImageRecord, to_pixels: Callable, known_hashes: dict) -> _P
     try:
         image = open_image(record, None if record.pixels is not None else data)
         size = image.size
-        pixels = to_pixels(image)
+        pixels = decode(image)
     except UnidentifiedImageError:
         reason = "not an image PIL can read"
     except Image.DecompressionBombError as exc:
@@ -115,27 +117,46 @@ def _prepare(record: ImageRecord, to_pixels: Callable, known_hashes: dict) -> _P
                                                                   "unreadable-image"))
 
 
-def prepared_stream(records: Iterable[ImageRecord], to_pixels: Callable, workers: int,
-                    known_hashes: dict, prefetch: int) -> Iterator[_Prepared]:
-    """Decode records in ``workers`` threads, in order, holding at most ``prefetch`` in flight.
+def _prepare_chunk(records: list[ImageRecord], preprocess, known_hashes: dict) -> list[_Prepared]:
+    """``_prepare`` each record, then resize and crop the decoded ones together.
 
-    ``to_pixels`` decodes (PIL), resizes and crops (torch) to uint8; both release
-    the GIL, so threads overlap them with the encoder's forward pass;
-    normalisation runs once per batch (``_store_batch``). The bounded window keeps
-    memory flat however large the dataset.
+    A preprocess with ``decode_for_pixels`` / ``finish_pixels`` (``mediret.preprocess``)
+    runs its per-image half per record and its per-size batched half per chunk;
+    one with only ``pixels`` runs that per record.
     """
+    finish = getattr(preprocess, "finish_pixels", None)
+    decode = preprocess.decode_for_pixels if finish is not None else preprocess.pixels
+    prepared = [_prepare(record, decode, known_hashes) for record in records]
+    decoded = [item for item in prepared if item.pixels is not None]
+    if finish is not None and decoded:
+        for item, pixels in zip(decoded, finish([item.pixels for item in decoded])):
+            item.pixels = pixels
+    return prepared
+
+
+def prepared_stream(records: list[ImageRecord], preprocess, workers: int, known_hashes: dict,
+                    prefetch: int, chunk: int = DECODE_CHUNK) -> Iterator[_Prepared]:
+    """Decode records in ``workers`` threads, ``chunk`` at a time, in order, at most ``prefetch`` in flight.
+
+    Each thread decodes a chunk's images (PIL), then resizes and crops them with one
+    torch call per image size (``_prepare_chunk``); both release the GIL, so
+    threads overlap them with the encoder's forward pass; normalisation runs once
+    per batch (``_store_batch``). The bounded window keeps memory flat however
+    large the dataset.
+    """
+    chunks = (records[i:i + chunk] for i in range(0, len(records), chunk))
     if workers <= 0:
-        for record in records:
-            yield _prepare(record, to_pixels, known_hashes)
+        for part in chunks:
+            yield from _prepare_chunk(part, preprocess, known_hashes)
         return
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mediret-decode") as pool:
         window: deque = deque()
-        for record in records:
-            window.append(pool.submit(_prepare, record, to_pixels, known_hashes))
-            if len(window) >= prefetch:
-                yield window.popleft().result()
+        for part in chunks:
+            window.append(pool.submit(_prepare_chunk, part, preprocess, known_hashes))
+            if len(window) * chunk >= prefetch:
+                yield from window.popleft().result()
         while window:
-            yield window.popleft().result()
+            yield from window.popleft().result()
 
 
 def _batches(items: Iterator[_Prepared], size: int) -> Iterator[list[_Prepared]]:
@@ -245,8 +266,8 @@ def ingest(scan: DatasetScan, store_path: str | Path, encoder, *, batch_size: in
         if limit is not None:
             todo = todo[:limit]
         known = store.hashes()
-        stream = prepared_stream(todo, encoder.preprocess.pixels, workers, dict(known),
-                                 prefetch=max(2 * batch_size, 4 * workers))
+        stream = prepared_stream(todo, encoder.preprocess, workers, dict(known),
+                                 prefetch=max(2 * batch_size, 4 * workers * DECODE_CHUNK))
         since_commit, last_commit_end, last_commit_seconds = 0, time.perf_counter(), 0.0
         bar = tqdm(total=len(todo), unit="img", desc=f"ingest {scan.name}", disable=not progress,
                    dynamic_ncols=True, smoothing=0.1)

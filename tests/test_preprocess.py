@@ -17,6 +17,7 @@ torch.set_num_threads(1)  # 2 cores shared: oversubscribed OpenMP threads slow d
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HAM_DIR = DATA / "ham10000" / "HAM10000_images_part_1"
 PAD_DIR = DATA / "pad-ufes-20" / "images"
+ODIR_DIR = DATA / "odir" / "preprocessed_images"
 MEDMNIST = DATA / "medmnist" / "pneumoniamnist.npz"
 
 
@@ -312,3 +313,26 @@ def test_jpeg_draft_decoding_stays_close(ham_image, tmp_path):
     small = _first(HAM_DIR, "*.jpg")
     with Image.open(small) as image:
         assert torch.equal(preset.load(small), preset(image))
+
+
+@pytest.mark.parametrize("name", ["efficientnet-lite", "imagenet"])
+def test_many_images_of_mixed_sizes_resize_together_as_torchvision_one_by_one(name):
+    """Ingest's two halves (decode per image, one resize per size): torchvision's uint8 path, in order."""
+    import torchvision.transforms.v2 as T
+
+    paths = [_first(HAM_DIR, "*.jpg", 0), _first(PAD_DIR, "*.png", 0), _first(ODIR_DIR, "*.jpg", 0),
+             _first(HAM_DIR, "*.jpg", 1), _first(PAD_DIR, "*.png", 1), _first(HAM_DIR, "*.jpg", 2)]
+    images = [Image.open(p).convert("RGB") for p in paths]
+    images.insert(3, images[0].transpose(Image.Transpose.ROTATE_90))  # portrait 150x200
+    assert len({image.size for image in images}) == 4
+    preset = get_preset(name, 224)
+    got = preset.finish_pixels([preset.decode_for_pixels(image) for image in images])
+    mode = T.InterpolationMode.BICUBIC if preset.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
+    transform = T.Compose([T.Resize(preset.resize_size, mode, antialias=True), T.CenterCrop(224)])
+    for image, pixels in zip(images, got, strict=True):
+        expected = transform(torch.from_numpy(np.array(image)).permute(2, 0, 1)).permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(pixels, expected)
+        np.testing.assert_array_equal(pixels, preset.pixels(image))
+    pil = get_preset(name, 224, resampler="pil")
+    decoded = [pil.decode_for_pixels(image) for image in images]  # PIL resizes one image at a time
+    assert all(a is b for a, b in zip(pil.finish_pixels(decoded), decoded))
