@@ -20,13 +20,15 @@ leading pad by zero.
 
 ``optimize`` keeps each rewrite only if the model's outputs on a probe batch stay
 equal (cosine >= ``SAME_OUTPUT_COSINE``), so a model whose module registration
-order differs from its execution order keeps its plain form.
+order differs from its execution order keeps its plain form. ``MEDIRET_FUSION=0``
+turns the fusion off (BatchNorm folding stays).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,13 +39,15 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 SAME_OUTPUT_COSINE = 0.99999
+FUSION_ENV = "MEDIRET_FUSION"  # "0": no convolution + activation fusion
 
 
 def optimize(model: Any, name: str, input_size: int, fuse: bool) -> Any:
     """``model`` (eval mode) with BatchNorm folded and, if ``fuse``, convolutions fused with activations.
 
     Returns ``model`` itself when nothing applies; rewrites work on copies. ``fuse``
-    only on CPU with oneDNN (the fused call has no CUDA kernel).
+    only on CPU with oneDNN (the fused call has no CUDA kernel); ``$MEDIRET_FUSION=0``
+    overrides it.
     """
     probe = torch.randn(2, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -67,7 +71,7 @@ def optimize(model: Any, name: str, input_size: int, fuse: bool) -> Any:
         _fold_batchnorm(folded)
         if keep_if_equal(folded, "BatchNorm folding"):
             model = folded
-    if fuse and torch.backends.mkldnn.is_available():
+    if fuse and os.environ.get(FUSION_ENV, "1") != "0" and torch.backends.mkldnn.is_available():
         fused = copy.deepcopy(model)
         if fuse_conv_activations(fused) and keep_if_equal(fused, "convolution + activation fusion"):
             model = fused

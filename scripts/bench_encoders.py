@@ -14,7 +14,7 @@ The cosine between the two embeddings of every image must stay >= 0.999.
     python scripts/bench_encoders.py --quick                  # a smoke run (~1 min)
     python scripts/bench_encoders.py --sweep                  # also batch sizes x threads
     python scripts/bench_encoders.py --variants               # also bf16 autocast / int8 candidates
-    python scripts/bench_encoders.py --ablation               # also mediret's path without bf16 / malloc tuning
+    python scripts/bench_encoders.py --ablation               # also mediret's path without bf16 / fusion / malloc tuning
 
 squeezenet1_1 uses the shared Keras/Caffe-convention weights; resnet50 and
 clip-vit-b-32 are built with random weights (architecture only: the speed is the
@@ -163,9 +163,11 @@ def compare(name: str, weights: str | None, images: list[str], args) -> dict:
     return {"row": row, "sweep": sweep, "variants": variants}
 
 
-ABLATIONS = {  # label -> (worker path, precision, environment additions)
+ABLATIONS = {  # label -> (worker path, precision, environment additions); each turns one more part off
     "fast path, fp32 only": ("optimized", "fp32", {}),
-    "fast path, fp32, glibc default malloc": ("optimized", "fp32", {"MEDIRET_MALLOC_TUNING": "0"}),
+    "fast path, fp32, no conv fusion": ("optimized", "fp32", {"MEDIRET_FUSION": "0"}),
+    "fast path, fp32, no conv fusion, glibc default malloc": ("optimized", "fp32", {"MEDIRET_FUSION": "0",
+                                                                                     "MEDIRET_MALLOC_TUNING": "0"}),
 }
 
 

@@ -126,3 +126,11 @@ def test_bfloat16_copy_runs_and_matches_fp32():
         got = torch.nn.functional.normalize(candidate(batch.to(torch.bfloat16)).float(), dim=1).numpy()
     assert all(p.dtype == torch.bfloat16 for p in candidate.buffers() if p.is_floating_point())
     assert (got * encoder.embed_batch(batch)).sum(axis=1).min() >= 0.99  # bf16 rounding, not a wrong layer
+
+
+def test_fusion_can_be_turned_off(monkeypatch):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten()).eval()
+    monkeypatch.setenv(fastpath.FUSION_ENV, "0")
+    assert fastpath.optimize(model, "plain", 16, fuse=True) is model
+    monkeypatch.setenv(fastpath.FUSION_ENV, "1")
+    assert isinstance(fastpath.optimize(model, "fused", 16, fuse=True)[0], FusedConv2d)
