@@ -128,9 +128,20 @@ def _prepare_chunk(records: list[ImageRecord], preprocess, known_hashes: dict) -
     decode = preprocess.decode_for_pixels if finish is not None else preprocess.pixels
     prepared = [_prepare(record, decode, known_hashes) for record in records]
     decoded = [item for item in prepared if item.pixels is not None]
-    if finish is not None and decoded:
-        for item, pixels in zip(decoded, finish([item.pixels for item in decoded])):
-            item.pixels = pixels
+    if finish is None or not decoded:
+        return prepared
+    try:
+        finished = finish([item.pixels for item in decoded])
+    except (ValueError, RuntimeError):  # find the image at fault: finish each on its own
+        finished = []
+        for item in decoded:
+            try:
+                finished.append(finish([item.pixels])[0])
+            except (ValueError, RuntimeError) as exc:
+                item.problem = Problem(item.record.source, f"cannot resize: {exc}", "unreadable-image")
+                finished.append(None)
+    for item, pixels in zip(decoded, finished):
+        item.pixels = pixels
     return prepared
 
 

@@ -138,8 +138,8 @@ class Preprocess:
         """``pixels`` of many images from their ``decode_for_pixels`` arrays, in order.
 
         With the torch resampler, images of the same size are resized in one call:
-        each call costs about 0.4 ms on top of its pixels, more than the resize of a
-        200x150 image itself, so eight HAM10000 images resize about 4x cheaper
+        each call costs about half a millisecond on top of its pixels, more than the
+        resize of a 200x150 image itself, so HAM10000 images resize about 4x cheaper
         together than one by one (BENCHMARKS.md part 2), and bit for bit the same.
         """
         if self.resampler != "torch":

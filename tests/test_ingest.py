@@ -191,6 +191,42 @@ def test_bad_input_is_reported_with_paths_and_the_rest_ingested(tmp_path, damage
         np.testing.assert_allclose(store.vectors([r.id for r in stored]), np.array(expected), atol=1e-6)
 
 
+class _PortraitRefusingPreprocess:
+    """The thumbnail preset split in ingest's two halves; the batched half refuses portrait images."""
+
+    name = "thumbnail"
+
+    def decode_for_pixels(self, image) -> np.ndarray:
+        return np.array(image.convert("RGB"))
+
+    def finish_pixels(self, decoded: list) -> list:
+        if any(array.shape[0] > array.shape[1] for array in decoded):
+            raise ValueError("portrait")
+        return [np.array(Image.fromarray(array).resize((8, 8)), dtype=np.uint8) for array in decoded]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_image_its_chunk_cannot_resize_is_reported_and_the_chunk_kept(tmp_path, workers):
+    root = tmp_path / "ham"
+    rows = make_ham_subset(root, n_lesions=6, seed=11)
+    images = sorted(root.glob("HAM10000_images_part_*/*.jpg"))
+    portrait = images[2]
+    with Image.open(portrait) as image:
+        image.transpose(Image.Transpose.ROTATE_90).save(portrait, quality=95)
+    encoder = ThumbnailEncoder()
+    encoder.preprocess = _PortraitRefusingPreprocess()
+    report = ingest(read_dataset(root), tmp_path / "store", encoder, progress=False, workers=workers)
+    refused = [p for p in report.problems if p.kind == "unreadable-image"]
+    assert [(p.path, p.reason) for p in refused] == [(str(portrait), "cannot resize: portrait")]
+    assert report.added == len(rows) - 1
+    with Store.open(tmp_path / "store") as store:
+        assert len(store) == store.index.ntotal == len(rows) - 1
+        stored = store.records(store.ids())
+        expected = [ThumbnailEncoder().embed_batch(ThumbnailEncoder().preprocess(Image.open(r.source))[None])[0]
+                    for r in stored]
+        np.testing.assert_allclose(store.vectors([r.id for r in stored]), np.array(expected), atol=1e-6)
+
+
 def test_identical_bytes_are_stored_once_embedded(tmp_path):
     root = tmp_path / "ham"
     rows = make_ham_subset(root, n_lesions=10, seed=5)
