@@ -536,9 +536,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-# --- fast path ----------------------------------------------------------------------------------
-
-
 # --- clip-vit-b-32 ------------------------------------------------------------------------------
 
 _CLIP_ARCH = "ViT-B-32-quickgelu"  # ViT-B/32 with QuickGELU, as OpenAI trained it
