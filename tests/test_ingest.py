@@ -85,24 +85,26 @@ def test_killed_ingest_resumes_to_the_same_store(tmp_path, ham_store, ham_subset
     index_file = store_path / "efficientnet-lite0.faiss"
     deadline = time.time() + 240
     stored_at_kill = 0
-    # A commit writes the index file, then the DuckDB rows: an index of >= 32 vectors
-    # (the second commit under way) means the first commit's rows are in.
     while time.time() < deadline and proc.poll() is None:
         if index_file.is_file():
             stored_at_kill = faiss.read_index(str(index_file)).ntotal
-            if stored_at_kill >= 32:
+            if stored_at_kill >= 16:
                 break
         time.sleep(0.05)
+    # The first commit wrote the index file; its DuckDB rows follow within milliseconds.
+    # Commits after it are spaced out (commit_due), so whether a later one is under way
+    # when the kill lands depends on the machine: the store must be consistent either way.
+    time.sleep(0.5)
     assert proc.poll() is None, proc.stderr.read().decode()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     n = len(ham_subset[1])
-    assert 32 <= stored_at_kill < n
+    assert 16 <= stored_at_kill < n
     with Store.open(store_path) as partial:
-        assert 16 <= len(partial) == partial.index.ntotal < n
+        kept = len(partial)
+        assert 16 <= kept == partial.index.ntotal < n
     report = ingest(read_dataset(ham_subset[0]), store_path, efficientnet_lite0, progress=False)
-    assert report.already_stored + report.added == n
-    assert report.already_stored >= 16
+    assert (report.already_stored, report.added) == (kept, n - kept)
     assert report.precision == efficientnet_lite0.precision and report.precision.startswith("fp32")
     with Store.open(store_path) as resumed, Store.open(ham_store) as whole:
         assert len(resumed) == resumed.index.ntotal == n
