@@ -50,10 +50,13 @@ def optimize(model: Any, name: str, input_size: int, fuse: bool) -> Any:
     overrides it.
     """
     probe = torch.randn(2, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        reference = model(probe).float()
+    outputs: list[torch.Tensor] = []  # the original model's, computed once a rewrite needs them
 
     def keep_if_equal(candidate: Any, what: str) -> bool:
+        if not outputs:
+            with torch.inference_mode():
+                outputs.append(model(probe).float())
+        reference = outputs[0]
         try:
             with torch.inference_mode():
                 output = candidate(probe).float()
@@ -66,16 +69,19 @@ def optimize(model: Any, name: str, input_size: int, fuse: bool) -> Any:
             return False
         return True
 
-    if any(True for _ in _conv_bn_pairs(model)):
-        folded = copy.deepcopy(model)
+    result = model
+    if any(True for _ in _conv_bn_pairs(result)):
+        folded = copy.deepcopy(result)
         _fold_batchnorm(folded)
         if keep_if_equal(folded, "BatchNorm folding"):
-            model = folded
-    if fuse and os.environ.get(FUSION_ENV, "1") != "0" and torch.backends.mkldnn.is_available():
-        fused = copy.deepcopy(model)
-        if fuse_conv_activations(fused) and keep_if_equal(fused, "convolution + activation fusion"):
-            model = fused
-    return model
+            result = folded
+    fuse = fuse and os.environ.get(FUSION_ENV, "1") != "0" and torch.backends.mkldnn.is_available()
+    if fuse and any(True for _ in _fusable_pairs(result)):
+        fused = copy.deepcopy(result)
+        fuse_conv_activations(fused)
+        if keep_if_equal(fused, "convolution + activation fusion"):
+            result = fused
+    return result
 
 
 def to_bfloat16(model: Any, input_size: int) -> Any:
@@ -109,15 +115,21 @@ def _batchnorm_act_class() -> type | None:
     return BatchNormAct2d
 
 
-def _conv_bn_pairs(model: Any) -> Iterator[tuple[Any, str, str]]:
-    """(parent, conv name, norm name) for each BatchNorm2d with running stats registered right after a Conv2d."""
-    norms = tuple(t for t in (nn.BatchNorm2d, _batchnorm_act_class()) if t is not None)
+def _adjacent_modules(model: Any) -> Iterator[tuple[Any, str, str]]:
+    """(parent, name, next name) for each two child modules registered one after the other."""
     for parent in list(model.modules()):
         names = list(parent._modules)
         for first, second in zip(names, names[1:]):
-            conv, norm = parent._modules[first], parent._modules[second]
-            if isinstance(conv, nn.Conv2d) and type(norm) in norms and norm.running_mean is not None:
-                yield parent, first, second
+            yield parent, first, second
+
+
+def _conv_bn_pairs(model: Any) -> Iterator[tuple[Any, str, str]]:
+    """(parent, conv name, norm name) for each BatchNorm2d with running stats registered right after a Conv2d."""
+    norms = tuple(t for t in (nn.BatchNorm2d, _batchnorm_act_class()) if t is not None)
+    for parent, first, second in _adjacent_modules(model):
+        conv, norm = parent._modules[first], parent._modules[second]
+        if isinstance(conv, nn.Conv2d) and type(norm) in norms and norm.running_mean is not None:
+            yield parent, first, second
 
 
 def _fold_batchnorm(model: Any) -> int:
@@ -185,24 +197,28 @@ def fuse_conv_activations(model: Any) -> int:
     rewritten. Registration order is taken for execution order, as for BatchNorm
     folding; ``optimize`` checks the outputs.
     """
-    same_class = _same_padding_class()
     count = 0
-    for parent in list(model.modules()):
-        names = list(parent._modules)
-        for first, second in zip(names, names[1:]):
-            conv, after = parent._modules[first], parent._modules[second]
-            if type(conv) not in (nn.Conv2d, same_class) or conv.padding_mode != "zeros" \
-                    or isinstance(conv.padding, str):
-                continue
-            fusable, attr, scalars = _activation_after(after)
-            same = same_class is not None and isinstance(conv, same_class)
-            if not fusable or (attr == "none" and not same):
-                continue
-            parent._modules[first] = FusedConv2d(conv, attr, scalars, same)
-            if attr != "none":
-                parent._modules[second] = nn.Identity()
-            count += 1
+    for parent, first, second, attr, scalars, same in list(_fusable_pairs(model)):
+        parent._modules[first] = FusedConv2d(parent._modules[first], attr, scalars, same)
+        if attr != "none":
+            parent._modules[second] = nn.Identity()
+        count += 1
     return count
+
+
+def _fusable_pairs(model: Any) -> Iterator[tuple[Any, str, str, str, list[float], bool]]:
+    """(parent, conv name, next name, post-op, its scalars, "same"-padded) for each rewrite
+    ``fuse_conv_activations`` makes."""
+    same_class = _same_padding_class()
+    for parent, first, second in _adjacent_modules(model):
+        conv = parent._modules[first]
+        if type(conv) not in (nn.Conv2d, same_class) or conv.padding_mode != "zeros" \
+                or isinstance(conv.padding, str):
+            continue
+        fusable, attr, scalars = _activation_after(parent._modules[second])
+        same = same_class is not None and isinstance(conv, same_class)
+        if fusable and (attr != "none" or same):
+            yield parent, first, second, attr, scalars, same
 
 
 class FusedConv2d(nn.Module):
