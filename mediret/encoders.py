@@ -21,7 +21,7 @@ import os
 import pickle
 import socket
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,8 +209,8 @@ class Encoder:
             self.precision = f"fp32 (bf16 rejected: min cosine {cosine:.5f} < {BF16_MIN_COSINE})"
         log.info("%s runs in %s", self.name, self.precision)
 
-    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """(N, S, S, 3) uint8 images from ``self.preprocess.pixels`` -> (N, dim) unit rows.
+    def embed_pixels(self, pixels: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        """(N, S, S, 3) uint8 images from ``self.preprocess.pixels`` (one array or N arrays) -> (N, dim) unit rows.
 
         Normalises the whole batch at once, straight into the model's memory layout.
         """
@@ -220,10 +220,7 @@ class Encoder:
 
     def embed_images(self, images: Iterable[Image.Image]) -> np.ndarray:
         """Preprocess PIL images with this encoder's preset and embed them as one batch."""
-        pixels = [self.preprocess.pixels(image) for image in images]
-        if not pixels:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        return self.embed_pixels(np.stack(pixels))
+        return self.embed_pixels([self.preprocess.pixels(image) for image in images])
 
     def __repr__(self) -> str:
         mode = "optimized" if self.optimized else "reference"

@@ -325,7 +325,7 @@ def _store_batch(store: Store, encoder, batch: list[_Prepared], known: dict[str,
             batch_hashes.add(item.content_hash)
             fresh.append(item)
     if fresh:
-        vectors = encoder.embed_pixels(np.stack([item.pixels for item in fresh]))
+        vectors = encoder.embed_pixels([item.pixels for item in fresh])
         ids = store.add([i.record for i in fresh], vectors, [i.content_hash for i in fresh],
                         [i.size for i in fresh], dataset=dataset, ingest_run=run)
         known.update((item.content_hash, (int(i), item.record.image_id))

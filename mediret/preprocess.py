@@ -36,6 +36,7 @@ check both.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -169,19 +170,17 @@ class Preprocess:
         cropped = pixels[..., top : top + self.input_size, left : left + self.input_size]
         return np.ascontiguousarray(cropped.permute(0, 2, 3, 1).numpy())
 
-    def normalise_batch(self, pixels: np.ndarray, channels_last: bool = True) -> torch.Tensor:
+    def normalise_batch(self, pixels: np.ndarray | Sequence[np.ndarray], channels_last: bool = True) -> torch.Tensor:
         """(N, size, size, 3) uint8 ``pixels`` -> normalised float32 (N, 3, size, size) batch.
 
-        The result is laid out channels-last in memory (a permuted view of the input's
-        layout, which the encoders' fast path wants: no transposing copy) unless
-        ``channels_last`` is false. Values do not depend on the layout.
+        ``pixels`` is one array or a sequence of N (size, size, 3) arrays (ingest's
+        decoded images: each is converted straight into its row of the batch, no
+        stacked uint8 copy first). The result is laid out channels-last in memory
+        (a permuted view of the input's layout, which the encoders' fast path
+        wants: no transposing copy) unless ``channels_last`` is false. Values do
+        not depend on the layout, nor on how ``pixels`` came.
         """
-        import torch
-
-        pixels = np.asarray(pixels)
-        if pixels.ndim != 4 or pixels.shape[-1] != 3 or pixels.dtype != np.uint8:
-            raise ValueError(f"expected N x H x W x 3 uint8 pixels, got {pixels.dtype} {pixels.shape}")
-        batch = self._normalise(torch.from_numpy(np.ascontiguousarray(pixels)))
+        batch = self._normalise(_float_pixels(pixels, flip=self.channel_order == "BGR"))
         return batch if channels_last else batch.contiguous()
 
     def load(self, path: str | Path) -> torch.Tensor:
@@ -220,24 +219,42 @@ class Preprocess:
         return self.normalise_batch(pixels, channels_last=False)
 
     def _normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 N x H x W x 3 (RGB, contiguous) -> float32 N x 3 x H x W in the preset's channel
-        order and scale, a channels-last view of a new N x H x W x 3 tensor."""
+        """float32 N x H x W x 3 (0..255, contiguous, in the preset's channel order) -> normalised
+        float32 N x 3 x H x W, a channels-last view of ``pixels``, overwritten in place."""
         import torch
 
-        if self.channel_order == "BGR":
-            pixels = pixels.flip(-1)
         if self.robust:
-            return _median_mad(pixels.permute(0, 3, 1, 2).to(torch.float32))
+            return _median_mad(pixels.permute(0, 3, 1, 2))
         n, height, width, _ = pixels.shape
         std = torch.tensor(self.std, dtype=torch.float32)
         mean = torch.tensor(self.mean, dtype=torch.float32)
-        # (x * scale - mean) / std in one pass from uint8: x * (scale / std) + (-mean / std),
-        # over rows of W x 3 values with the per-channel factors tiled along them: broadcasting
-        # them per channel over channels-last data runs the innermost loop 3 values wide
-        # (2.3x slower for a batch of 32 at 224, same values).
-        rows = torch.addcmul((-mean / std).repeat(width), pixels.reshape(n * height, width * 3),
-                             (self.scale / std).repeat(width))
-        return rows.view(n, height, width, 3).permute(0, 3, 1, 2)
+        # (x * scale - mean) / std as x * (scale / std) + (-mean / std), over rows of W x 3 values
+        # with the per-channel factors tiled along them: broadcasting them per channel over
+        # channels-last data runs the innermost loop 3 values wide (2.3x slower for a batch of 32
+        # at 224, same values). On float input, in place: from uint8 the same addcmul takes torch's
+        # mixed-dtype path, several times slower (BENCHMARKS.md part 2), bit for bit the same.
+        rows = pixels.view(n * height, width * 3)
+        torch.addcmul((-mean / std).repeat(width), rows, (self.scale / std).repeat(width), out=rows)
+        return pixels.permute(0, 3, 1, 2)
+
+
+def _float_pixels(pixels: np.ndarray | Sequence[np.ndarray], flip: bool) -> torch.Tensor:
+    """uint8 N x H x W x 3 pixels (one array, or N arrays of H x W x 3) -> a new float32
+    N x H x W x 3 tensor of the same values, the channel axis reversed if ``flip`` (RGB -> BGR)."""
+    import torch
+
+    if isinstance(pixels, np.ndarray):
+        images, shape, got = pixels, pixels.shape, f"{pixels.dtype} {pixels.shape}"
+    else:
+        images = [np.asarray(image) for image in pixels]
+        shape = (len(images), *images[0].shape) if images else (0,)
+        got = f"{len(images)} arrays: " + ", ".join(sorted({f"{i.dtype} {i.shape}" for i in images}))
+    if len(shape) != 4 or shape[-1] != 3 or any(i.shape != shape[1:] or i.dtype != np.uint8 for i in images):
+        raise ValueError(f"expected N x H x W x 3 uint8 pixels, got {got}")
+    batch = torch.empty(shape, dtype=torch.float32)
+    for row, image in zip(batch, images):
+        row.copy_(torch.from_numpy(np.ascontiguousarray(image[..., ::-1] if flip else image)))
+    return batch
 
 
 def _preset_imagenet(size: int) -> Preprocess:

@@ -106,6 +106,7 @@ def test_batch_normalisation_equals_the_per_image_path(ham_images, name):
     batch = preset.normalise_batch(pixels)
     one_by_one = torch.stack([preset(image) for image in ham_images])
     assert torch.equal(batch, one_by_one)
+    assert torch.equal(preset.normalise_batch(list(pixels)), one_by_one)  # ingest's list of decoded images
     assert torch.equal(preset.normalise_batch(pixels, channels_last=False), one_by_one)
     assert preset.normalise_batch(pixels, channels_last=False).is_contiguous()
     if not preset.robust:  # per-image statistics need a reshape; mean/std presets stay a view of the layout
@@ -115,7 +116,9 @@ def test_batch_normalisation_equals_the_per_image_path(ham_images, name):
 def test_normalise_batch_rejects_other_input():
     preset = get_preset("imagenet", 224)
     for bad in (np.zeros((2, 224, 224, 3), dtype=np.float32), np.zeros((2, 3, 224, 224), dtype=np.uint8),
-                np.zeros((224, 224, 3), dtype=np.uint8)):
+                np.zeros((224, 224, 3), dtype=np.uint8), [],
+                [np.zeros((224, 224, 3), dtype=np.uint8), np.zeros((224, 200, 3), dtype=np.uint8)],
+                [np.zeros((224, 224, 3), dtype=np.uint8), np.zeros((224, 224, 3), dtype=np.int16)]):
         with pytest.raises(ValueError, match="N x H x W x 3 uint8"):
             preset.normalise_batch(bad)
 
