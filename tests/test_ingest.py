@@ -55,6 +55,30 @@ def test_real_encoder_store_matches_label_file_and_encoder(ham_store, ham_subset
     np.testing.assert_allclose(np.linalg.norm(reread, axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_vectors_equal_the_encoders_own_batches_bit_for_bit(tmp_path, efficientnet_lite0, workers):
+    """Ingest decodes in chunks of 8 (in threads, or inline) and resizes each chunk's images together:
+    the same vectors, bit for bit, as the encoder's ``embed_pixels`` over the same batches of
+    each image's own ``pixels``."""
+    root = tmp_path / "ham"
+    make_ham_subset(root, n_lesions=14, seed=3)
+    report = ingest(read_dataset(root), tmp_path / "store", efficientnet_lite0, batch_size=16,
+                    workers=workers, progress=False)
+    assert report.added > 16 and report.added % 16 and not report.duplicates  # a short last batch too
+    with Store.open(tmp_path / "store") as store:
+        ids = store.ids()
+        stored = store.vectors(ids)
+        sources = [r.source for r in store.records(ids)]
+    expected = []
+    for start in range(0, len(sources), 16):
+        pixels = []
+        for source in sources[start:start + 16]:
+            with Image.open(source) as image:
+                pixels.append(efficientnet_lite0.preprocess.pixels(image))
+        expected.append(efficientnet_lite0.embed_pixels(pixels))
+    np.testing.assert_array_equal(stored, np.concatenate(expected))
+
+
 def test_second_ingest_adds_nothing(tmp_path, ham_store, ham_subset, efficientnet_lite0):
     copy = tmp_path / "store"
     shutil.copytree(ham_store, copy)
