@@ -14,6 +14,12 @@ DatasetScan limited to them), in one run:
   already decoded and preprocessed in memory, at ingest's batch size, in the
   memory layout ingest hands the model (channels-last where the encoder runs so).
 
+With ``--decoded-bound``, each round also runs an ingest whose decoding is
+free: every chunk of records is served from images decoded, resized and
+hashed once before the rounds; the rest (normalisation, forward, store writes)
+is ingest's own. Its ratio to the bare forward is what ingest reaches when
+decoding costs nothing: the part of the gap that decoding is.
+
 Goals: ingest >= 3x the naive loop, >= 0.9x the bare forward. The bare forward
 and ingest run in rounds (one pass of each, back to back); the ratio is given
 of their fastest passes and as the median of the rounds' own ratios, which the
@@ -28,6 +34,7 @@ images held for the bare forward) for both sizes.
     python scripts/bench_ingest.py --json reports/bench/ingest.json
     python scripts/bench_ingest.py --quick
     python scripts/bench_ingest.py --rss-sizes '' --breakdown   # the speed part, plus where ingest's time goes
+    python scripts/bench_ingest.py --rss-sizes '' --decoded-bound   # the speed part, plus ingest with free decoding
     python scripts/bench_ingest.py --rss-sizes 1000,8013 --keep-store indexes/bench-ham10000-efficientnet-lite0
 
 ``--keep-store`` keeps the largest RSS run's store (parts 3 and 4 use the full one).
@@ -43,6 +50,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -71,6 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--breakdown", action="store_true",
                         help="also time one more ingest by component (forward, normalisation, store, waiting "
                              "for decoding) between two bare-forward passes: where the ratio to the bare forward goes")
+    parser.add_argument("--decoded-bound", action="store_true",
+                        help="each round also times an ingest whose decoding is free (images decoded once "
+                             "beforehand): how close ingest comes to the bare forward once decoding costs nothing")
     parser.add_argument("--preprocess-paths", action="store_true",
                         help="only time decode + preprocess alone, the previous path against the current one")
     parser.add_argument("--rss-sizes", default="1000,8013",
@@ -133,6 +144,23 @@ def run_ingest(scan, encoder, args) -> tuple[float, dict]:
     return seconds, {"added": report.added, "duplicates": report.duplicates, "problems": len(report.problems)}
 
 
+def decoded_ahead(scan, preprocess):
+    """A stand-in for ingest's ``_prepare_chunk`` serving each chunk from images decoded here, once."""
+    from dataclasses import replace
+
+    import mediret.ingest as ingest_module
+
+    ready = {}
+    for i in range(0, len(scan.records), ingest_module.DECODE_CHUNK):
+        for item in ingest_module._prepare_chunk(scan.records[i:i + ingest_module.DECODE_CHUNK], preprocess, {}):
+            ready[item.record.image_id] = item
+
+    def prepare_chunk(records, preprocess, known_hashes):
+        return [replace(ready[record.image_id]) for record in records]
+
+    return prepare_chunk
+
+
 def run_bare(batch, encoder, batch_size: int) -> float:
     started = time.perf_counter()
     for i in range(0, len(batch), batch_size):
@@ -193,7 +221,8 @@ def speed(args) -> tuple[list[dict], list[dict], dict]:
     # The baselines run twice, before and after the mediret passes, and the faster pass counts.
     naive_records = records[: args.naive_images] if args.naive_images else records
     first_naive = naive_in_child(len(records), len(naive_records), args)
-    times: dict[str, list[float]] = {"bare": [], "ingest": []}
+    times: dict[str, list[float]] = {"bare": [], "ingest": [], "free decoding": []}
+    prepare_decoded = decoded_ahead(scan, encoder.preprocess) if args.decoded_bound else None
     detail = {}
     for _ in range(args.repeat):
         times["bare"].append(run_bare(batch, encoder, args.batch_size))
@@ -201,6 +230,10 @@ def speed(args) -> tuple[list[dict], list[dict], dict]:
         seconds, detail = run_ingest(scan, encoder, args)
         times["ingest"].append(seconds)
         print(f"  mediret ingest: {seconds:.2f} s", flush=True)
+        if prepare_decoded is not None:
+            with mock.patch("mediret.ingest._prepare_chunk", prepare_decoded):
+                times["free decoding"].append(run_ingest(scan, encoder, args)[0])
+            print(f"  mediret ingest, decoding free: {times['free decoding'][-1]:.2f} s", flush=True)
     breakdown_rows = breakdown(scan, encoder, batch, args) if args.breakdown else []
     del batch
     naive = [first_naive, naive_in_child(len(records), len(naive_records), args)]
@@ -235,7 +268,15 @@ def speed(args) -> tuple[list[dict], list[dict], dict]:
              _bench.goal_line("ingest vs bare forward (fastest passes)", ingest_ips / bare_ips, BARE_GOAL),
              _bench.goal_line(f"ingest vs bare forward (median of {len(paired)} paired rounds)",
                               _bench.median(paired), BARE_GOAL)]
+    paired_free = [bare / free for bare, free in zip(times["bare"], times["free decoding"])]
+    if paired_free:
+        free_s = _bench.best(times["free decoding"])
+        rows.insert(1, {"contender": "(bound) mediret ingest with decoding free, images decoded beforehand",
+                        "images": n, "seconds": free_s, "img/s": n / free_s, "ingest / this": free_s * ingest_ips / n})
+        print(f"  ingest with decoding free vs bare forward: {_bench.median(paired_free):.3f}x (median of "
+              f"{len(paired_free)} rounds), real ingest {_bench.median(paired):.3f}x in the same rounds", flush=True)
     raw = {"ingest_s": times["ingest"], "bare_s": times["bare"], "bare / ingest per round": paired,
+           "free_decoding_s": times["free decoding"], "bare / free decoding per round": paired_free,
            "naive_s": naive_seconds,
            "decode_preprocess_s": decode_seconds, "eager_batch1_s": eager_one, "ingest_report": detail,
            "breakdown": breakdown_rows, **raw_naive}
@@ -253,7 +294,6 @@ def breakdown(scan, encoder, batch, args) -> list[dict]:
     """
     from collections import Counter
     from contextlib import ExitStack
-    from unittest import mock
 
     import mediret.ingest as ingest_module
     from mediret.store import Store
