@@ -150,10 +150,8 @@ def decoded_ahead(scan, preprocess):
 
     import mediret.ingest as ingest_module
 
-    ready = {}
-    for i in range(0, len(scan.records), ingest_module.DECODE_CHUNK):
-        for item in ingest_module._prepare_chunk(scan.records[i:i + ingest_module.DECODE_CHUNK], preprocess, {}):
-            ready[item.record.image_id] = item
+    ready = {item.record.image_id: item  # decoded inline, in ingest's own chunks
+             for item in ingest_module.prepared_stream(scan.records, preprocess, 0, {}, prefetch=0)}
 
     def prepare_chunk(records, preprocess, known_hashes):
         return [replace(ready[record.image_id]) for record in records]
@@ -288,7 +286,7 @@ def breakdown(scan, encoder, batch, args) -> list[dict]:
 
     The forward inside ingest against the bare forward shows what the decoding
     threads cost it; the rest of the ingest's wall time is the main thread's own
-    serial work (normalising and stacking each batch, store writes, opening the
+    serial work (normalising each batch, store writes, opening the
     store, split assignment) and any waiting for decoding. Wrappers around the
     encoder's methods and the store's, for this pass only.
     """
@@ -332,7 +330,7 @@ def breakdown(scan, encoder, batch, args) -> list[dict]:
         seconds, _ = run_ingest(scan, encoder, args)
     bare_after = run_bare(batch, encoder, args.batch_size)
     bare = min(bare_before, bare_after)
-    spent["normalising and stacking batches"] = spent.pop("embed_pixels") - spent["forward"]
+    spent["normalising batches"] = spent.pop("embed_pixels") - spent["forward"]
     spent["other (main thread)"] = seconds - sum(spent.values())
     rows = [{"part of the ingest": "whole ingest", "seconds": seconds, "share": 1.0, "x bare forward": seconds / bare},
             {"part of the ingest": "bare forward, same images (faster of the passes before and after)",
