@@ -29,6 +29,12 @@ from .records import ImageRecord, Problem
 
 DB_FILE = "mediret.duckdb"
 SCHEMA_VERSION = 1
+# DuckDB's worker threads, after half a second idle, call glibc's malloc_trim, which
+# hands every freed heap page back to the OS, the activation buffers mediret.allocator
+# keeps for the encoder included: the next forward pass page-faults them in again
+# (tens of thousands of faults after each commit of an ingest; BENCHMARKS.md part 2).
+# The store's queries are small, so DuckDB runs them on the calling thread alone.
+DB_CONFIG = {"threads": 1}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS store_info (key TEXT PRIMARY KEY, value TEXT);
@@ -133,7 +139,7 @@ class Store:
         if cls.exists(path):
             raise StoreError(f"{path} already holds a store; open it instead")
         path.mkdir(parents=True, exist_ok=True)
-        con = duckdb.connect(str(path / DB_FILE))
+        con = duckdb.connect(str(path / DB_FILE), config=DB_CONFIG)
         con.execute(_SCHEMA)
         index_file = f"{encoder.name}.faiss"
         index = faiss.IndexIDMap2(faiss.IndexFlatIP(encoder.dim))
@@ -159,7 +165,7 @@ class Store:
                 f"no store at {path} (looked for {path / DB_FILE}); "
                 "create one with `mediret ingest DATASET --store PATH`")
         try:
-            con = duckdb.connect(str(path / DB_FILE), read_only=read_only)
+            con = duckdb.connect(str(path / DB_FILE), read_only=read_only, config=DB_CONFIG)
         except duckdb.IOException as exc:
             raise StoreError(f"cannot open {path / DB_FILE}: {exc}") from exc
         row = con.execute(

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import faiss
 import numpy as np
 import pytest
@@ -146,3 +150,36 @@ def test_info_counts(tmp_path, ham_rows):
     assert info["groups"] == len({r["lesion_id"] for r in ham_rows})
     assert sum(info["splits"]["random"].values()) == 600
     assert info["encoder"]["dim"] == 16
+
+
+def test_store_leaves_the_encoders_kept_buffers_mapped(tmp_path):
+    """DuckDB's worker threads, idle for half a second, would malloc_trim the heap and unmap the
+    freed buffers mediret.allocator keeps for the encoder; a store runs DuckDB on one thread."""
+    script = (
+        "import resource, sys, time\n"
+        "from mediret.allocator import keep_freed_memory\n"
+        "from mediret.store import EncoderInfo, Store\n"
+        "applied = keep_freed_memory()\n"
+        "pins = []\n"
+        "def churn():\n"
+        "    buf = bytearray(64 << 20)\n"
+        "    buf[::4096] = b'x' * len(buf[::4096])\n"
+        "    pins.append(bytearray(1 << 20))  # after buf on the heap: buf's pages are freed, not the top\n"
+        "store = Store.create(sys.argv[1], EncoderInfo('e', 4, 'imagenet', 'random'))\n"
+        "store.sql('SELECT sum(i * i) FROM range(20000000) r(i)')  # work DuckDB spreads over its threads\n"
+        "churn(); churn()\n"
+        "time.sleep(1.5)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(5):\n"
+        "    churn()\n"
+        "print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+        "store.close()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "s")], capture_output=True, text=True,
+                         check=True, env=env)
+    applied, faults = out.stdout.split()
+    if applied != "True":
+        pytest.skip("not glibc: mediret leaves the allocator alone")
+    buffer_pages, pin_pages = (64 << 20) // 4096, 5 * (1 << 20) // 4096
+    assert int(faults) < pin_pages + buffer_pages // 4  # the 64 MiB buffer was not faulted in again
