@@ -83,8 +83,13 @@ def open_image(record: ImageRecord, data: bytes | None = None):
     return decode_image(data, record.source)
 
 
-def _prepare(record: ImageRecord, decode: Callable, known_hashes: dict) -> _Prepared:
-    """Read, hash and decode one record; failures become a Problem, never an exception."""
+def _prepare(record: ImageRecord, decode: Callable, known_hashes: dict,
+             decode_bytes: Callable | None = None) -> _Prepared:
+    """Read, hash and decode one record; failures become a Problem, never an exception.
+
+    ``decode`` takes the opened PIL image; ``decode_bytes``, if given, is tried first on
+    a file's bytes and returns (size, pixels), or None to open the file with PIL.
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -102,9 +107,11 @@ def _prepare(record: ImageRecord, decode: Callable, known_hashes: dict) -> _Prep
     if digest in known_hashes:
         return _Prepared(record, content_hash=digest)
     try:
-        image = open_image(record, None if record.pixels is not None else data)
-        size = image.size
-        pixels = decode(image)
+        decoded = decode_bytes(data) if decode_bytes is not None and record.pixels is None else None
+        if decoded is None:
+            image = open_image(record, None if record.pixels is not None else data)
+            decoded = image.size, decode(image)
+        size, pixels = decoded
     except UnidentifiedImageError:
         reason = "not an image PIL can read"
     except Image.DecompressionBombError as exc:
@@ -121,12 +128,14 @@ def _prepare_chunk(records: list[ImageRecord], preprocess, known_hashes: dict) -
     """``_prepare`` each record, then resize and crop the decoded ones together.
 
     A preprocess with ``decode_for_pixels`` / ``finish_pixels`` (``mediret.preprocess``)
-    runs its per-image half per record and its per-size batched half per chunk;
+    runs its per-image half per record (straight from the file's bytes where its
+    ``decode_bytes_for_pixels`` can) and its per-size batched half per chunk;
     one with only ``pixels`` runs that per record.
     """
     finish = getattr(preprocess, "finish_pixels", None)
     decode = preprocess.decode_for_pixels if finish is not None else preprocess.pixels
-    prepared = [_prepare(record, decode, known_hashes) for record in records]
+    decode_bytes = getattr(preprocess, "decode_bytes_for_pixels", None) if finish is not None else None
+    prepared = [_prepare(record, decode, known_hashes, decode_bytes) for record in records]
     decoded = [item for item in prepared if item.pixels is not None]
     if finish is None or not decoded:
         return prepared

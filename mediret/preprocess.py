@@ -135,6 +135,33 @@ class Preprocess:
         image = image.crop((left, top, left + self.input_size, top + self.input_size))
         return np.array(image, dtype=np.uint8)
 
+    def decode_bytes_for_pixels(self, data: bytes) -> tuple[tuple[int, int], np.ndarray] | None:
+        """``decode_for_pixels`` of an image file's bytes, with the image's (width, height),
+        for the common case: an 8-bit, 3-channel JPEG that ``draft`` would not reduce.
+
+        PIL's JPEG decoder decodes it straight from the bytes, without the plugin's
+        header parsing in Python: the same pixels, in about half the time for a
+        HAM10000 image (BENCHMARKS.md part 2). None for anything else (another format,
+        a greyscale, CMYK or 12-bit JPEG, one large enough to draft or to trip PIL's
+        decompression-bomb check, one that fails to decode): open that with PIL.
+        """
+        from PIL import Image
+
+        from mediret.sources import jpeg_frame
+
+        frame = jpeg_frame(data)
+        if frame is None or frame.components != 3 or frame.precision != 8:
+            return None
+        size = (frame.width, frame.height)
+        if (min(size) == 0 or frame.width * frame.height > (Image.MAX_IMAGE_PIXELS or math.inf)
+                or min(side // self.resize_size for side in size) >= 2):
+            return None
+        try:
+            image = Image.frombytes("RGB", size, data, "jpeg", "RGB", "")
+        except (ValueError, OSError):
+            return None  # PIL's general path says what is wrong with it
+        return size, self.decode_for_pixels(image)
+
     def finish_pixels(self, decoded: list[np.ndarray]) -> list[np.ndarray]:
         """``pixels`` of many images from their ``decode_for_pixels`` arrays, in order.
 

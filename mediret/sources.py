@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import io
+import struct
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -65,6 +67,41 @@ def decode_image(data: bytes, source: str):
     if source.lower().endswith(".dcm"):
         return dicom_image(data)
     return Image.open(io.BytesIO(data))
+
+
+class JpegFrame(NamedTuple):
+    """A JPEG's frame header: what PIL's JPEG plugin parses before it decodes."""
+
+    width: int
+    height: int
+    components: int  # 3: YCbCr or RGB, 1: greyscale, 4: CMYK or YCCK
+    precision: int  # bits per sample
+
+
+# Frame headers a plain JPEG decoder takes: baseline, extended sequential, progressive.
+_SOF_MARKERS = (0xC0, 0xC1, 0xC2)
+# Segments that may come before the frame header: tables (DHT, DAC, DQT, DRI), comments, APPn.
+_TABLE_MARKERS = frozenset((0xC4, 0xCC, 0xDB, 0xDD, 0xFE, *range(0xE0, 0xF0)))
+
+
+def jpeg_frame(data: bytes) -> JpegFrame | None:
+    """The frame header of JPEG ``data``, found by walking its segments; None when
+    ``data`` does not start as a JPEG, or reaches anything else first (a lossless or
+    arithmetic-coded frame, fill bytes, a truncated segment)."""
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    at = 2
+    while at + 4 <= len(data) and data[at] == 0xFF:
+        marker = data[at + 1]
+        if marker in _SOF_MARKERS:
+            if at + 10 > len(data):
+                return None
+            precision, height, width, components = struct.unpack_from(">BHHB", data, at + 4)
+            return JpegFrame(width, height, components, precision)
+        if marker not in _TABLE_MARKERS:
+            return None
+        at += 2 + struct.unpack_from(">H", data, at + 2)[0]
+    return None
 
 
 def dicom_image(data: bytes):

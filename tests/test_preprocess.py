@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -339,3 +340,62 @@ def test_many_images_of_mixed_sizes_resize_together_as_torchvision_one_by_one(na
     pil = get_preset(name, 224, resampler="pil")
     decoded = [pil.decode_for_pixels(image) for image in images]  # PIL resizes one image at a time
     assert all(a is b for a, b in zip(pil.finish_pixels(decoded), decoded))
+
+
+def _real_jpegs(n_ham: int, n_odir: int) -> list[Path]:
+    """A seeded sample of real HAM10000 (200x150) and ODIR (256x256) JPEG files."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for folder, n in ((HAM_DIR, n_ham), (ODIR_DIR, n_odir)):
+        files = sorted(folder.glob("*.jpg")) if folder.is_dir() else []
+        if len(files) < n:
+            pytest.skip(f"real data not available under {folder}")
+        paths += [files[i] for i in rng.choice(len(files), n, replace=False)]
+    return paths
+
+
+@pytest.mark.parametrize(("name", "resampler"), [("efficientnet-lite", "torch"), ("imagenet", "pil")])
+def test_jpeg_bytes_decode_as_pil_opens_them(name, resampler):
+    """Ingest's decoding straight from a JPEG's bytes: the size and pixels of PIL's Image.open path."""
+    preset = get_preset(name, 224, resampler)
+    for path in _real_jpegs(60, 40):
+        data = path.read_bytes()
+        decoded = preset.decode_bytes_for_pixels(data)
+        assert decoded is not None, path  # every real JPEG here takes the direct path
+        with Image.open(path) as image:
+            assert decoded[0] == image.size
+            np.testing.assert_array_equal(decoded[1], preset.decode_for_pixels(image))
+
+
+def _jpeg_bytes(image: Image.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", **options)
+    return buffer.getvalue()
+
+
+def test_jpeg_bytes_decode_leaves_other_images_to_pil(ham_image):
+    """Only plain 8-bit, 3-channel JPEGs too small to draft take the direct path; the rest return None."""
+    preset = get_preset("efficientnet-lite", 224)  # resizes to 256: drafting starts at 512 x 512
+    exif = Image.Exif()
+    exif[0x010E] = "dermoscopy"  # ImageDescription: an APP1 segment before the frame header
+    taken = {
+        "progressive": _jpeg_bytes(ham_image, progressive=True, quality=90),
+        "exif and comment": _jpeg_bytes(ham_image, exif=exif.tobytes(), comment=b"lesion"),
+        "511 x 600": _jpeg_bytes(ham_image.resize((511, 600))),
+    }
+    for what, data in taken.items():
+        decoded = preset.decode_bytes_for_pixels(data)
+        assert decoded is not None, what
+        with Image.open(io.BytesIO(data)) as image:
+            assert decoded[0] == image.size
+            np.testing.assert_array_equal(decoded[1], preset.decode_for_pixels(image))
+    declined = {
+        "greyscale": _jpeg_bytes(ham_image.convert("L")),
+        "CMYK": _jpeg_bytes(ham_image.convert("CMYK")),
+        "large enough to draft": _jpeg_bytes(ham_image.resize((700, 525))),
+        "truncated": _jpeg_bytes(ham_image)[:1500],
+        "PNG": _first(PAD_DIR, "*.png").read_bytes(),
+        "not an image": b"\xff\xd8 but then text",
+    }
+    for what, data in declined.items():
+        assert preset.decode_bytes_for_pixels(data) is None, what
