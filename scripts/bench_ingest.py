@@ -123,12 +123,19 @@ def opened_batches(records, batch_size: int, per_image):
         yield batch
 
 
-def finished(preprocess, decoded: list) -> list:
-    """``finish_pixels`` over ``decoded`` in ingest's decoding chunks (one resize per size and chunk)."""
-    from mediret.ingest import DECODE_CHUNK
+def decoded_batches(records, preprocess, batch_size: int):
+    """For each batch of ``records``: their resized pixels, decoded inline by ingest's own code
+    (``prepared_stream`` without threads: files read, hashed, decoded, resized per chunk)."""
+    from mediret.ingest import prepared_stream
 
-    return [pixels for i in range(0, len(decoded), DECODE_CHUNK)
-            for pixels in preprocess.finish_pixels(decoded[i:i + DECODE_CHUNK])]
+    batch = []
+    for item in prepared_stream(records, preprocess, 0, {}, prefetch=0):
+        batch.append(item.pixels)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def run_ingest(scan, encoder, args) -> tuple[float, dict]:
@@ -208,8 +215,8 @@ def speed(args) -> tuple[list[dict], list[dict], dict]:
     # The batches are in the layout ingest hands the model (channels-last for most encoders),
     # so the bare forward pays no layout conversion either.
     started = time.perf_counter()
-    batches = [encoder.preprocess.normalise_batch(finished(encoder.preprocess, decoded), encoder.channels_last)
-               for decoded in opened_batches(records, args.batch_size, encoder.preprocess.decode_for_pixels)]
+    batches = [encoder.preprocess.normalise_batch(decoded, encoder.channels_last)
+               for decoded in decoded_batches(records, encoder.preprocess, args.batch_size)]
     decode_seconds = time.perf_counter() - started
     batch = torch.cat(batches).contiguous(memory_format=torch.channels_last if encoder.channels_last
                                           else torch.contiguous_format)
@@ -348,9 +355,11 @@ def preprocess_paths(args) -> list[dict]:
     """Decode + preprocess alone (no forward), on one thread of decoding, two ways, interleaved rounds.
 
     before: PIL's resize, each image normalised on its own, the batch stacked, then
-    copied into channels-last (mediret until 2026-12-02); now: torch's antialiased
-    uint8 resize (one call per image size and decoding chunk, since 2026-12-02
-    afternoon), the batch normalised once straight into channels-last.
+    copied into channels-last (mediret until 2026-12-02); now: ingest's own decoding
+    (``prepared_stream`` inline, which also reads and hashes each file: plain RGB
+    JPEGs decoded straight from their bytes since 2026-12-02 evening), torch's
+    antialiased uint8 resize (one call per image size and decoding chunk, since
+    2026-12-02 afternoon), the batch normalised once straight into channels-last.
     """
     import dataclasses
 
@@ -365,8 +374,8 @@ def preprocess_paths(args) -> list[dict]:
             torch.stack(tensors).contiguous(memory_format=torch.channels_last)
 
     def run_now():
-        for decoded in opened_batches(records, args.batch_size, now.decode_for_pixels):
-            now.normalise_batch(finished(now, decoded))
+        for decoded in decoded_batches(records, now, args.batch_size):
+            now.normalise_batch(decoded)
 
     best: dict[str, float] = {}
     for _ in range(max(args.repeat, 3)):
@@ -377,7 +386,7 @@ def preprocess_paths(args) -> list[dict]:
     n = len(records)
     rows = [{"preprocessing": "before: PIL resize, per-image normalisation, stack, channels-last copy",
              "images": n, "seconds": best["before"], "img/s": n / best["before"], "x before": 1.0},
-            {"preprocessing": "now: torch uint8 resize per size and chunk of 8, one normalisation per batch",
+            {"preprocessing": "now: ingest's decoding, torch uint8 resize per size and chunk of 8, one normalisation per batch",
              "images": n, "seconds": best["now"], "img/s": n / best["now"], "x before": best["before"] / best["now"]}]
     print(f"\ndecode + preprocess alone, preset {now.name} ({now.interpolation}, shorter side {now.resize_size}), "
           f"best of {max(args.repeat, 3)} interleaved rounds:\n")
