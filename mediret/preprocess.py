@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mediret.errors import EncoderError
+from mediret.sources import jpeg_frame
 
 if TYPE_CHECKING:
     import torch
@@ -146,8 +147,6 @@ class Preprocess:
         decompression-bomb check, one that fails to decode): open that with PIL.
         """
         from PIL import Image
-
-        from mediret.sources import jpeg_frame
 
         frame = jpeg_frame(data)
         if frame is None or frame.components != 3 or frame.precision != 8:

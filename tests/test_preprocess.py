@@ -354,17 +354,21 @@ def _real_jpegs(n_ham: int, n_odir: int) -> list[Path]:
     return paths
 
 
+def _assert_decodes_as_pil_opens(preset, data: bytes, what) -> None:
+    """``decode_bytes_for_pixels`` takes the direct path on ``data`` and gives Image.open's size and pixels."""
+    decoded = preset.decode_bytes_for_pixels(data)
+    assert decoded is not None, what
+    with Image.open(io.BytesIO(data)) as image:
+        assert decoded[0] == image.size, what
+        np.testing.assert_array_equal(decoded[1], preset.decode_for_pixels(image))
+
+
 @pytest.mark.parametrize(("name", "resampler"), [("efficientnet-lite", "torch"), ("imagenet", "pil")])
 def test_jpeg_bytes_decode_as_pil_opens_them(name, resampler):
     """Ingest's decoding straight from a JPEG's bytes: the size and pixels of PIL's Image.open path."""
     preset = get_preset(name, 224, resampler)
-    for path in _real_jpegs(60, 40):
-        data = path.read_bytes()
-        decoded = preset.decode_bytes_for_pixels(data)
-        assert decoded is not None, path  # every real JPEG here takes the direct path
-        with Image.open(path) as image:
-            assert decoded[0] == image.size
-            np.testing.assert_array_equal(decoded[1], preset.decode_for_pixels(image))
+    for path in _real_jpegs(60, 40):  # every real JPEG here takes the direct path
+        _assert_decodes_as_pil_opens(preset, path.read_bytes(), path)
 
 
 def _jpeg_bytes(image: Image.Image, **options) -> bytes:
@@ -384,11 +388,7 @@ def test_jpeg_bytes_decode_leaves_other_images_to_pil(ham_image):
         "511 x 600": _jpeg_bytes(ham_image.resize((511, 600))),
     }
     for what, data in taken.items():
-        decoded = preset.decode_bytes_for_pixels(data)
-        assert decoded is not None, what
-        with Image.open(io.BytesIO(data)) as image:
-            assert decoded[0] == image.size
-            np.testing.assert_array_equal(decoded[1], preset.decode_for_pixels(image))
+        _assert_decodes_as_pil_opens(preset, data, what)
     declined = {
         "greyscale": _jpeg_bytes(ham_image.convert("L")),
         "CMYK": _jpeg_bytes(ham_image.convert("CMYK")),
