@@ -269,13 +269,15 @@ def _float_pixels(pixels: np.ndarray | Sequence[np.ndarray], flip: bool) -> torc
     N x H x W x 3 tensor of the same values, the channel axis reversed if ``flip`` (RGB -> BGR)."""
     import torch
 
-    if isinstance(pixels, np.ndarray):
+    if isinstance(pixels, np.ndarray):  # one array: its rows share its shape and dtype
         images, shape, got = pixels, pixels.shape, f"{pixels.dtype} {pixels.shape}"
+        mismatched = pixels.dtype != np.uint8
     else:
         images = [np.asarray(image) for image in pixels]
         shape = (len(images), *images[0].shape) if images else (0,)
         got = f"{len(images)} arrays: " + ", ".join(sorted({f"{i.dtype} {i.shape}" for i in images}))
-    if len(shape) != 4 or shape[-1] != 3 or any(i.shape != shape[1:] or i.dtype != np.uint8 for i in images):
+        mismatched = any(i.shape != shape[1:] or i.dtype != np.uint8 for i in images)
+    if len(shape) != 4 or shape[-1] != 3 or mismatched:
         raise ValueError(f"expected N x H x W x 3 uint8 pixels, got {got}")
     batch = torch.empty(shape, dtype=torch.float32)
     for row, image in zip(batch, images):
