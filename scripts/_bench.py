@@ -118,10 +118,11 @@ def median(times: Sequence[float]) -> float:
 
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """A markdown table of dict rows (floats rounded to 3 significant-ish digits)."""
+    """A markdown table of dict rows (floats rounded to 3 significant-ish digits); by default its
+    columns are every key of any row, in the order they first appear."""
     if not rows:
         return "(no rows)"
-    columns = list(columns or rows[0].keys())
+    columns = list(columns or dict.fromkeys(key for row in rows for key in row))
 
     def cell(value: Any) -> str:
         if isinstance(value, float):

@@ -13,7 +13,7 @@ The cosine between the two embeddings of every image must stay >= 0.999.
     python scripts/bench_encoders.py --json reports/bench/encoders.json
     python scripts/bench_encoders.py --quick                  # a smoke run (~1 min)
     python scripts/bench_encoders.py --sweep                  # also batch sizes x threads
-    python scripts/bench_encoders.py --variants               # also bf16 autocast / int8 candidates
+    python scripts/bench_encoders.py --variants               # also bf16 autocast / int8 / ONNX Runtime candidates
     python scripts/bench_encoders.py --ablation               # also mediret's path without bf16 / fusion / malloc tuning
 
 squeezenet1_1 uses the shared Keras/Caffe-convention weights; resnet50 and
@@ -24,6 +24,7 @@ same, the cosine check is still meaningful since both paths share the weights).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -57,7 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sweep-images", type=int, default=64, help="images per sweep pass")
     parser.add_argument("--variants", action="store_true",
                         help="also time candidate fast paths mediret does not use (bf16 autocast, int8 "
-                             "dynamic quantization of nn.Linear) on the optimized model, with their cosine")
+                             "dynamic quantization of nn.Linear on the optimized model; ONNX Runtime on the "
+                             "exported eager model, if installed), with their cosine")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="32 images, 1 pass, two small encoders")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -258,7 +260,7 @@ def try_variants(name: str, encoder, batch, reference, base_ips: float, args) ->
         context = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
         with torch.inference_mode(), context:
             prepared = [batch[i:i + args.batch_size] for i in range(0, len(batch), args.batch_size)]
-            if encoder._channels_last:
+            if encoder.channels_last:
                 prepared = [b.contiguous(memory_format=torch.channels_last) for b in prepared]
             model(prepared[0])
             best_s = float("inf")
@@ -275,15 +277,65 @@ def try_variants(name: str, encoder, batch, reference, base_ips: float, args) ->
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
         quantized = torch.ao.quantization.quantize_dynamic(encoder.model, {torch.nn.Linear}, dtype=torch.qint8)
-    for label, model, autocast in (("bf16 autocast", encoder.model, True),
-                                   ("int8 dynamic quantization of nn.Linear", quantized, False)):
-        ips, vectors = run(model, autocast)
+    candidates = [("bf16 autocast", lambda: run(encoder.model, True)),
+                  ("int8 dynamic quantization of nn.Linear", lambda: run(quantized, False))]
+    if importlib.util.find_spec("onnxruntime") is None:
+        print("    variant ONNX Runtime: skipped (pip install onnxruntime onnx to time it)", flush=True)
+    else:
+        candidates.append(("ONNX Runtime (CPU, eager model exported)",
+                           lambda: run_onnxruntime(name, batch, args)))
+    for label, timed in candidates:
+        try:
+            ips, vectors = timed()
+        except RuntimeError as exc:  # e.g. oneDNN's bf16 convolutions on a CPU without AVX-512
+            reason = str(exc).splitlines()[0]
+            rows.append({"encoder": name, "variant": label, "batch": args.batch_size, "failed": reason})
+            print(f"    variant {name}, {label}: failed ({reason})", flush=True)
+            continue
         cosine = np.sum(vectors * reference, axis=1)
         rows.append({"encoder": name, "variant": label, "batch": args.batch_size, "img/s": ips,
                      "vs mediret": ips / base_ips, "min cosine vs eager": float(cosine.min())})
         print(f"    variant {name}, {label}: {ips:.1f} img/s ({ips / base_ips:.2f}x mediret), "
               f"min cosine {cosine.min():.5f}", flush=True)
     return rows
+
+
+def run_onnxruntime(name: str, batch, args):
+    """(img/s, unit vectors) of the eager model exported to ONNX and run by ONNX Runtime's CPU provider.
+
+    ORT applies its own graph optimisations (its fusions, its blocked NCHWc layout) at
+    the highest level, on torch's thread count; passes as in ``try_variants``.
+    """
+    import tempfile
+    import warnings
+
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    from mediret.encoders import load_encoder
+
+    torch.manual_seed(args.seed)  # the weights the reference run had
+    model = load_encoder(name, weights=ENCODERS[name], optimize=False).model
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{name}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notice
+            torch.onnx.export(model, (batch[: args.batch_size],), str(path), dynamo=False, input_names=["x"],
+                              dynamic_axes={"x": {0: "n"}}, opset_version=17)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = args.threads or torch.get_num_threads()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    chunks = [batch[i:i + args.batch_size].numpy() for i in range(0, len(batch), args.batch_size)]
+    session.run(None, {"x": chunks[0]})
+    best_s, outs = float("inf"), []
+    for _ in range(args.repeat):
+        started = time.perf_counter()
+        outs = [session.run(None, {"x": chunk})[0] for chunk in chunks]
+        best_s = min(best_s, time.perf_counter() - started)
+    vectors = np.concatenate(outs).astype(np.float32)
+    return len(batch) / best_s, vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
 def main(argv=None) -> int:
@@ -323,7 +375,8 @@ def main(argv=None) -> int:
         print(_bench.table(sweep))
     if variants:
         print("\ncandidate fast paths mediret does not use (random weights: check accuracy on real ones):\n")
-        print(_bench.table(variants))
+        print(_bench.table(variants, ["encoder", "variant", "batch", "img/s", "vs mediret",
+                                      "min cosine vs eager", "failed"]))
     print()
     goals = []
     for row in rows:
