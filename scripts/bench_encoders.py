@@ -15,6 +15,7 @@ The cosine between the two embeddings of every image must stay >= 0.999.
     python scripts/bench_encoders.py --sweep                  # also batch sizes x threads
     python scripts/bench_encoders.py --variants               # also bf16 autocast / int8 / ONNX Runtime candidates
     python scripts/bench_encoders.py --ablation               # also mediret's path without bf16 / fusion / malloc tuning
+    python scripts/bench_encoders.py --profile                # also where one batch's forward spends its time
 
 squeezenet1_1 uses the shared Keras/Caffe-convention weights; resnet50 and
 clip-vit-b-32 are built with random weights (architecture only: the speed is the
@@ -68,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--worker-weights", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-precision", default="auto", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one batch of mediret's path per encoder: its top operators, the "
+                             "share in matrix products and their rate against a square sgemm's on this machine")
     parser.add_argument("--ablation", action="store_true",
                         help="also time mediret's path with parts turned off, in the same interleaved "
                              "rounds: fp32 only (no bf16), and fp32 with glibc's default malloc")
@@ -161,8 +165,53 @@ def compare(name: str, weights: str | None, images: list[str], args) -> dict:
     variants = []
     if args.variants:
         variants = try_variants(name, optimized, batch, vectors["reference"], opt_ips, args)
+    if args.profile:
+        row["profile"] = profile_forward(name, optimized, batch[: args.batch_size])
     del optimized
     return {"row": row, "sweep": sweep, "variants": variants}
+
+
+GEMM_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm")
+
+
+def profile_forward(name: str, encoder, batch) -> dict:
+    """Where one batch of ``encoder``'s forward spends its time (torch.profiler, in this process),
+    and the FLOP rate of its matrix products against a square 2048 sgemm's here, now.
+
+    A forward that spends most of its time in products running at the sgemm rate cannot
+    get much faster in fp32, whatever else changes.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        encoder.embed_batch(batch)
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        started = time.perf_counter()
+        encoder.embed_batch(batch)
+        seconds = time.perf_counter() - started
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in ops)
+    gemm = [e for e in ops if e.key in GEMM_OPS]
+    gemm_us, gemm_flops = sum(e.self_cpu_time_total for e in gemm), sum(e.flops for e in gemm)
+    square = torch.randn(2048, 2048)
+    torch.mm(square, square)
+    sgemm_s = min(_bench.time_call(lambda: torch.mm(square, square), repeat=5))
+    result = {
+        "batch": len(batch), "seconds": seconds,
+        "top operators (share of self CPU time)": {e.key: e.self_cpu_time_total / total for e in ops[:6]},
+        "matrix products share": gemm_us / total,
+        "matrix products GFLOP/s": gemm_flops / (gemm_us * 1e-6) / 1e9 if gemm_us else None,
+        "square 2048 sgemm GFLOP/s": 2 * 2048**3 / sgemm_s / 1e9,
+    }
+    rate = result["matrix products GFLOP/s"]
+    print(f"    profile {name} (batch {len(batch)}, {seconds:.2f} s): matrix products "
+          f"{result['matrix products share']:.0%} of CPU time"
+          + (f" at {rate:.0f} GFLOP/s" if rate else "")
+          + f"; square sgemm here {result['square 2048 sgemm GFLOP/s']:.0f} GFLOP/s; top: "
+          + ", ".join(f"{k} {v:.0%}" for k, v in result["top operators (share of self CPU time)"].items()),
+          flush=True)
+    return result
 
 
 ABLATIONS = {  # label -> (worker path, precision, environment additions); each turns one more part off
