@@ -749,6 +749,8 @@ def query_from_file(store: Store, source: str, weights: str | None = None,
     from .sources import open_source, split_source
 
     path, split, _ = split_source(source)
+    if path.is_dir():
+        raise SearchError(f"query {path} is a folder; give one image file (or --id for a stored image)")
     if not path.is_file():
         raise SearchError(f"query image {path} not found")
     try:

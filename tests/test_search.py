@@ -376,6 +376,7 @@ def test_cli_search_table_json_and_sheet(vs, tmp_path):
     (["--id", "{id}", "--split", "train", "--split-scheme", "given"], 1,
      "split scheme 'given' is not in"),
     (["missing.png"], 1, "query image missing.png not found"),
+    (["."], 1, "query . is a folder; give one image file"),
     ([], 2, "give either an IMAGE file or --id"),
     (["x.png", "--id", "{id}"], 2, "give either an IMAGE file or --id"),
     (["--id", "{id}", "--index", "lsh"], 2, "'lsh' is not one of"),
