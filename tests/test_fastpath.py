@@ -134,3 +134,52 @@ def test_fusion_can_be_turned_off(monkeypatch):
     assert fastpath.optimize(model, "plain", 16, fuse=True) is model
     monkeypatch.setenv(fastpath.FUSION_ENV, "1")
     assert isinstance(fastpath.optimize(model, "fused", 16, fuse=True)[0], FusedConv2d)
+
+
+@pytest.mark.parametrize("attr", ["relu", "none"])
+@pytest.mark.parametrize("onednn", [True, False])
+def test_forward_add_is_activation_of_convolution_plus_other(attr, onednn):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, padding=1, bias=True).eval()
+    x, other = torch.randn(2, 8, 10, 10), torch.randn(2, 8, 10, 10) * 2
+    with torch.inference_mode():
+        expected = conv(x) + other
+        if attr == "relu":
+            expected = expected.relu()
+        fused = FusedConv2d(conv, attr, [], same=False)
+        fused.onednn = onednn
+        got = fused.forward_add(x, other.clone())
+        got_channels_last = fused.forward_add(x.contiguous(memory_format=torch.channels_last),
+                                              other.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_channels_last, expected, atol=1e-5, rtol=1e-5)
+    assert ((expected == 0).any() if attr == "relu" else (expected < 0).any())  # the order of add and ReLU shows
+
+
+@pytest.mark.parametrize("arch, blocks", [("resnet18", 8), ("resnet50", 16)])
+@pytest.mark.parametrize("onednn", [True, False])
+def test_resnet_blocks_fuse_and_keep_outputs_on_real_images(arch, blocks, onednn):
+    """torchvision ResNets (random weights): every block and the stem rewritten, outputs as the folded model's."""
+    import torchvision
+
+    from mediret.fastpath import FusedResidualBlock
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(weights=None).eval()
+    model.fc = nn.Identity()
+    folded = fastpath.optimize(model, arch, 64, fuse=False)
+    fused = fastpath.optimize(model, arch, 64, fuse=True)
+    assert sum(isinstance(m, FusedResidualBlock) for m in fused.modules()) == blocks
+    assert isinstance(fused.conv1, FusedConv2d) and isinstance(fused.relu, nn.Identity)
+    in_downsample = {id(m) for block in fused.modules() if isinstance(block, FusedResidualBlock)
+                     and block.downsample is not None for m in block.downsample.modules()}
+    assert not any(isinstance(m, nn.ReLU) for m in fused.modules())
+    assert all(id(m) in in_downsample for m in fused.modules() if isinstance(m, nn.Conv2d))
+    for module in fused.modules():
+        if isinstance(module, FusedConv2d):
+            module.onednn = onednn
+    pixels = np.stack([np.asarray(image.resize((64, 64))) for image in _ham_images(4)])
+    batch = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
+    with torch.inference_mode():
+        expected, got = folded(batch), fused(batch.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
