@@ -312,7 +312,12 @@ def _plain_conv(module: Any) -> bool:
     return type(module) is nn.Conv2d and module.padding_mode == "zeros" and not isinstance(module.padding, str)
 
 
-def _resnet_parts(model: Any) -> Iterator[tuple[Any, str, Any]]:
+def _numbered(block: Any, prefix: str) -> list[Any]:
+    """A residual block's ``conv1, conv2[, conv3]`` (or ``bn1, ...``), in order."""
+    return [getattr(block, f"{prefix}{i}") for i in range(1, 4) if hasattr(block, f"{prefix}{i}")]
+
+
+def _resnet_parts(model: Any) -> Iterator[tuple[str, Any, str | None]]:
     """("stem", resnet, None) or ("block", parent, name) for each part ``fuse_resnet`` rewrites.
 
     Only parts whose BatchNorms were folded away (``nn.Identity``), whose convolutions
@@ -330,9 +335,7 @@ def _resnet_parts(model: Any) -> Iterator[tuple[Any, str, Any]]:
         for name, block in module._modules.items():
             if type(block) not in (basic, bottleneck) or not isinstance(block.relu, nn.ReLU):
                 continue
-            depth = 3 if type(block) is bottleneck else 2
-            convs = [getattr(block, f"conv{i}") for i in range(1, depth + 1)]
-            norms = [getattr(block, f"bn{i}") for i in range(1, depth + 1)]
+            convs, norms = _numbered(block, "conv"), _numbered(block, "bn")
             if all(map(_plain_conv, convs)) and all(isinstance(n, nn.Identity) for n in norms):
                 yield "block", module, name
 
@@ -365,8 +368,7 @@ class FusedResidualBlock(nn.Module):
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
-        depth = 3 if hasattr(block, "conv3") else 2
-        convs = [getattr(block, f"conv{i}") for i in range(1, depth + 1)]
+        convs = _numbered(block, "conv")
         self.convs = nn.ModuleList(FusedConv2d(conv, "relu", [], False) for conv in convs[:-1])
         self.last = FusedConv2d(convs[-1], "relu", [], False)
         self.downsample = block.downsample
