@@ -126,16 +126,10 @@ def opened_batches(records, batch_size: int, per_image):
 def decoded_batches(records, preprocess, batch_size: int):
     """For each batch of ``records``: their resized pixels, decoded inline by ingest's own code
     (``prepared_stream`` without threads: files read, hashed, decoded, resized per chunk)."""
-    from mediret.ingest import prepared_stream
+    from mediret.ingest import _batches, prepared_stream
 
-    batch = []
-    for item in prepared_stream(records, preprocess, 0, {}, prefetch=0):
-        batch.append(item.pixels)
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+    for batch in _batches(prepared_stream(records, preprocess, 0, {}, prefetch=0), batch_size):
+        yield [item.pixels for item in batch]
 
 
 def run_ingest(scan, encoder, args) -> tuple[float, dict]:
