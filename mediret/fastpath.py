@@ -267,12 +267,7 @@ class FusedConv2d(nn.Module):
         if self.onednn:
             return torch.ops.mkldnn._convolution_pointwise(x, weight, self.bias, padding, self.stride,
                                                            self.dilation, self.groups, self.attr, self.scalars, "")
-        y = F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
-        if self.attr == "relu":
-            return y.relu_()
-        if self.attr == "hardtanh":
-            return F.hardtanh_(y, *self.scalars)
-        return y
+        return self._activate(F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups))
 
     def forward_add(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """activation(conv(x) + other): oneDNN's binary post-op, then the unary one."""
@@ -282,7 +277,11 @@ class FusedConv2d(nn.Module):
             return torch.ops.mkldnn._convolution_pointwise.binary(
                 x, other, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
                 "add", None, None if self.attr == "none" else self.attr, self.scalars, "")
-        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups).add_(other)
+        return self._activate(F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                                       self.groups).add_(other))
+
+    def _activate(self, y: torch.Tensor) -> torch.Tensor:
+        """The post-op, in place, for the two-call path."""
         if self.attr == "relu":
             return y.relu_()
         if self.attr == "hardtanh":
