@@ -183,3 +183,26 @@ def test_resnet_blocks_fuse_and_keep_outputs_on_real_images(arch, blocks, onednn
     with torch.inference_mode():
         expected, got = folded(batch), fused(batch.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_bfloat16_copy_of_fused_resnet_matches_fp32():
+    """The residual blocks' fused add in bf16 (one oneDNN call where it takes bf16, else two) stays near fp32."""
+    import torchvision
+
+    from mediret.fastpath import FusedResidualBlock
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    model.fc = nn.Identity()
+    fused = fastpath.optimize(model, "resnet18", 64, fuse=True)
+    candidate = fastpath.to_bfloat16(fused, 64)
+    assert sum(isinstance(m, FusedResidualBlock) for m in candidate.modules()) == 8
+    assert all(p.dtype == torch.bfloat16 for p in candidate.parameters())
+    pixels = np.stack([np.asarray(image.resize((64, 64))) for image in _ham_images(4)])
+    batch = ((torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25).contiguous(
+        memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected = torch.nn.functional.normalize(model(batch), dim=1)
+        got = torch.nn.functional.normalize(candidate(batch.to(torch.bfloat16)).float(), dim=1)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    assert (got * expected).sum(dim=1).min() >= 0.99  # bf16 rounding, not a wrong add or activation
