@@ -156,6 +156,12 @@ def test_forward_add_is_activation_of_convolution_plus_other(attr, onednn):
     assert ((expected == 0).any() if attr == "relu" else (expected < 0).any())  # the order of add and ReLU shows
 
 
+def _small_batch(n: int, size: int) -> torch.Tensor:
+    """``n`` real images resized to ``size`` and roughly standardised: NCHW float32, channels-last in memory."""
+    pixels = np.stack([np.asarray(image.resize((size, size))) for image in _ham_images(n)])
+    return (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
+
+
 @pytest.mark.parametrize("arch, blocks", [("resnet18", 8), ("resnet50", 16)])
 @pytest.mark.parametrize("onednn", [True, False])
 def test_resnet_blocks_fuse_and_keep_outputs_on_real_images(arch, blocks, onednn):
@@ -178,8 +184,7 @@ def test_resnet_blocks_fuse_and_keep_outputs_on_real_images(arch, blocks, onednn
     for module in fused.modules():
         if isinstance(module, FusedConv2d):
             module.onednn = onednn
-    pixels = np.stack([np.asarray(image.resize((64, 64))) for image in _ham_images(4)])
-    batch = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
+    batch = _small_batch(4, 64)
     with torch.inference_mode():
         expected, got = folded(batch), fused(batch.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
@@ -198,9 +203,7 @@ def test_bfloat16_copy_of_fused_resnet_matches_fp32():
     candidate = fastpath.to_bfloat16(fused, 64)
     assert sum(isinstance(m, FusedResidualBlock) for m in candidate.modules()) == 8
     assert all(p.dtype == torch.bfloat16 for p in candidate.parameters())
-    pixels = np.stack([np.asarray(image.resize((64, 64))) for image in _ham_images(4)])
-    batch = ((torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25).contiguous(
-        memory_format=torch.channels_last)
+    batch = _small_batch(4, 64).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         expected = torch.nn.functional.normalize(model(batch), dim=1)
         got = torch.nn.functional.normalize(candidate(batch.to(torch.bfloat16)).float(), dim=1)
