@@ -32,6 +32,7 @@ turns the fusion off (BatchNorm folding stays).
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import os
 from collections.abc import Iterator
@@ -81,7 +82,7 @@ def optimize(model: Any, name: str, input_size: int, fuse: bool) -> Any:
         if keep_if_equal(folded, "BatchNorm folding"):
             result = folded
     fuse = fuse and os.environ.get(FUSION_ENV, "1") != "0" and torch.backends.mkldnn.is_available()
-    if fuse and any(True for _ in (*_fusable_pairs(result), *_resnet_parts(result))):
+    if fuse and any(True for _ in itertools.chain(_fusable_pairs(result), _resnet_parts(result))):
         fused = copy.deepcopy(result)
         fuse_resnet(fused)  # first: it rewrites blocks whose convolutions the general pass cannot see through
         fuse_conv_activations(fused)
