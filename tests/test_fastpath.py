@@ -13,7 +13,7 @@ from torch import nn
 
 from mediret import fastpath
 from mediret.encoders import get_encoder_spec, load_encoder
-from mediret.fastpath import FusedConv2d
+from mediret.fastpath import FusedConv2d, FusedResidualBlock
 
 torch.set_num_threads(1)  # 2 cores shared: oversubscribed OpenMP threads slow down 10x
 
@@ -162,17 +162,21 @@ def _small_batch(n: int, size: int) -> torch.Tensor:
     return (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
 
 
-@pytest.mark.parametrize("arch, blocks", [("resnet18", 8), ("resnet50", 16)])
-@pytest.mark.parametrize("onednn", [True, False])
-def test_resnet_blocks_fuse_and_keep_outputs_on_real_images(arch, blocks, onednn):
-    """torchvision ResNets (random weights): every block and the stem rewritten, outputs as the folded model's."""
+def _random_resnet(arch: str) -> nn.Module:
+    """torchvision's ``arch`` with seeded random weights, in eval mode, its classifier removed."""
     import torchvision
-
-    from mediret.fastpath import FusedResidualBlock
 
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)(weights=None).eval()
     model.fc = nn.Identity()
+    return model
+
+
+@pytest.mark.parametrize("arch, blocks", [("resnet18", 8), ("resnet50", 16)])
+@pytest.mark.parametrize("onednn", [True, False])
+def test_resnet_blocks_fuse_and_keep_outputs_on_real_images(arch, blocks, onednn):
+    """torchvision ResNets (random weights): every block and the stem rewritten, outputs as the folded model's."""
+    model = _random_resnet(arch)
     folded = fastpath.optimize(model, arch, 64, fuse=False)
     fused = fastpath.optimize(model, arch, 64, fuse=True)
     assert sum(isinstance(m, FusedResidualBlock) for m in fused.modules()) == blocks
@@ -192,13 +196,7 @@ def test_resnet_blocks_fuse_and_keep_outputs_on_real_images(arch, blocks, onednn
 
 def test_bfloat16_copy_of_fused_resnet_matches_fp32():
     """The residual blocks' fused add in bf16 (one oneDNN call where it takes bf16, else two) stays near fp32."""
-    import torchvision
-
-    from mediret.fastpath import FusedResidualBlock
-
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None).eval()
-    model.fc = nn.Identity()
+    model = _random_resnet("resnet18")
     fused = fastpath.optimize(model, "resnet18", 64, fuse=True)
     candidate = fastpath.to_bfloat16(fused, 64)
     assert sum(isinstance(m, FusedResidualBlock) for m in candidate.modules()) == 8
