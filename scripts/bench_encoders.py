@@ -308,22 +308,14 @@ def try_variants(name: str, encoder, batch, reference, base_ips: float, args) ->
     import torch
 
     def run(model, autocast: bool) -> tuple[float, np.ndarray]:
-        outs = []
         context = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
         with torch.inference_mode(), context:
             prepared = [batch[i:i + args.batch_size] for i in range(0, len(batch), args.batch_size)]
             if encoder.channels_last:
                 prepared = [b.contiguous(memory_format=torch.channels_last) for b in prepared]
-            model(prepared[0])
-            best_s = float("inf")
-            for _ in range(args.repeat):
-                outs = []
-                started = time.perf_counter()
-                for chunk in prepared:
-                    outs.append(model(chunk).float())
-                best_s = min(best_s, time.perf_counter() - started)
+            outs, seconds = passes(lambda chunk: model(chunk).float(), prepared, args.repeat)
         vectors = torch.nn.functional.normalize(torch.cat(outs), dim=1).numpy()
-        return len(batch) / best_s, vectors
+        return len(batch) / min(seconds), vectors
 
     rows = []
     with warnings.catch_warnings():
@@ -380,14 +372,21 @@ def run_onnxruntime(name: str, batch, args):
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     chunks = [batch[i:i + args.batch_size].numpy() for i in range(0, len(batch), args.batch_size)]
-    session.run(None, {"x": chunks[0]})
-    best_s, outs = float("inf"), []
-    for _ in range(args.repeat):
-        started = time.perf_counter()
-        outs = [session.run(None, {"x": chunk})[0] for chunk in chunks]
-        best_s = min(best_s, time.perf_counter() - started)
+    outs, seconds = passes(lambda chunk: session.run(None, {"x": chunk})[0], chunks, args.repeat)
     vectors = np.concatenate(outs).astype(np.float32)
-    return len(batch) / best_s, vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    return len(batch) / min(seconds), vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def passes(forward, chunks: list, repeat: int) -> tuple[list, list[float]]:
+    """``repeat`` timed passes of ``forward`` over ``chunks`` after one untimed call on the first
+    chunk: (the last pass's outputs, each pass's seconds)."""
+    outs: list = []
+
+    def one_pass() -> None:
+        outs[:] = [forward(chunk) for chunk in chunks]
+
+    forward(chunks[0])
+    return outs, _bench.time_call(one_pass, repeat=repeat)
 
 
 def main(argv=None) -> int:
