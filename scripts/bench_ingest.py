@@ -124,12 +124,12 @@ def opened_batches(records, batch_size: int, per_image):
 
 
 def decoded_batches(records, preprocess, batch_size: int):
-    """For each batch of ``records``: their resized pixels, decoded inline by ingest's own code
-    (``prepared_stream`` without threads: files read, hashed, decoded, resized per chunk)."""
+    """For each batch of ``records``: ingest's prepared items (``.pixels`` resized), decoded inline
+    by ingest's own code (``prepared_stream`` without threads: files read, hashed, decoded,
+    resized per chunk)."""
     from mediret.ingest import _batches, prepared_stream
 
-    for batch in _batches(prepared_stream(records, preprocess, 0, {}, prefetch=0), batch_size):
-        yield [item.pixels for item in batch]
+    return _batches(prepared_stream(records, preprocess, 0, {}, prefetch=0), batch_size)
 
 
 def run_ingest(scan, encoder, args) -> tuple[float, dict]:
@@ -145,14 +145,12 @@ def run_ingest(scan, encoder, args) -> tuple[float, dict]:
     return seconds, {"added": report.added, "duplicates": report.duplicates, "problems": len(report.problems)}
 
 
-def decoded_ahead(scan, preprocess):
-    """A stand-in for ingest's ``_prepare_chunk`` serving each chunk from images decoded here, once."""
+def decoded_ahead(items):
+    """A stand-in for ingest's ``_prepare_chunk`` serving each chunk from ``items``, decoded beforehand
+    (``decoded_batches``: inline, in ingest's own chunks)."""
     from dataclasses import replace
 
-    import mediret.ingest as ingest_module
-
-    ready = {item.record.image_id: item  # decoded inline, in ingest's own chunks
-             for item in ingest_module.prepared_stream(scan.records, preprocess, 0, {}, prefetch=0)}
+    ready = {item.record.image_id: item for item in items}
 
     def prepare_chunk(records, preprocess, known_hashes):
         return [replace(ready[record.image_id]) for record in records]
@@ -209,8 +207,11 @@ def speed(args) -> tuple[list[dict], list[dict], dict]:
     # The batches are in the layout ingest hands the model (channels-last for most encoders),
     # so the bare forward pays no layout conversion either.
     started = time.perf_counter()
-    batches = [encoder.preprocess.normalise_batch(decoded, encoder.channels_last)
-               for decoded in decoded_batches(records, encoder.preprocess, args.batch_size)]
+    batches, decoded = [], []
+    for items in decoded_batches(records, encoder.preprocess, args.batch_size):
+        batches.append(encoder.preprocess.normalise_batch([item.pixels for item in items], encoder.channels_last))
+        if args.decoded_bound:
+            decoded += items  # for the ingest with decoding free: the same images, decoded once
     decode_seconds = time.perf_counter() - started
     batch = torch.cat(batches).contiguous(memory_format=torch.channels_last if encoder.channels_last
                                           else torch.contiguous_format)
@@ -221,7 +222,7 @@ def speed(args) -> tuple[list[dict], list[dict], dict]:
     naive_records = records[: args.naive_images] if args.naive_images else records
     first_naive = naive_in_child(len(records), len(naive_records), args)
     times: dict[str, list[float]] = {"bare": [], "ingest": [], "free decoding": []}
-    prepare_decoded = decoded_ahead(scan, encoder.preprocess) if args.decoded_bound else None
+    prepare_decoded = decoded_ahead(decoded) if args.decoded_bound else None
     detail = {}
     for _ in range(args.repeat):
         times["bare"].append(run_bare(batch, encoder, args.batch_size))
@@ -368,8 +369,8 @@ def preprocess_paths(args) -> list[dict]:
             torch.stack(tensors).contiguous(memory_format=torch.channels_last)
 
     def run_now():
-        for decoded in decoded_batches(records, now, args.batch_size):
-            now.normalise_batch(decoded)
+        for items in decoded_batches(records, now, args.batch_size):
+            now.normalise_batch([item.pixels for item in items])
 
     best: dict[str, float] = {}
     for _ in range(max(args.repeat, 3)):
