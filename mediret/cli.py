@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .errors import MediretError
+from .errors import MediretError, SearchError
 
 DEFAULT_STORE = "indexes/default"
 DEFAULT_ENCODER = "efficientnet-lite0"
@@ -285,11 +285,11 @@ def _parse_ks(ctx, param, value: str) -> list[int]:
 
 
 @cli.command()
-@click.argument("image", required=False)
+@click.argument("images", nargs=-1)
 @store_option
-@click.option("--id", "image_id", default=None,
+@click.option("--id", "image_ids", multiple=True,
               help="Query with a stored image (its image_id, e.g. ISIC_0024306) instead of a file; "
-                   "the image itself is never returned.")
+                   "the image itself is never returned. Repeat for several queries.")
 @click.option("-k", "--top", "k", default=10, show_default=True, type=click.IntRange(1),
               help="Number of hits.")
 @click.option("--label", "-l", "labels", multiple=True,
@@ -308,66 +308,119 @@ def _parse_ks(ctx, param, value: str) -> list[int]:
 @click.option("--exclude-group", is_flag=True,
               help="Leave out every image of the query's group (patient/lesion).")
 @click.option("--group-of", default=None,
-              help="For an image-file query: the image_id whose group --exclude-group leaves out "
-                   "(default: the stored image with the same bytes, if any).")
+              help="For a single image-file query: the image_id whose group --exclude-group leaves "
+                   "out (default: the stored image with the same bytes, if any).")
 @index_options
 @click.option("--weights", "-w", default=None,
               help="Weights file the store was built with, when not the encoder's default "
                    "(default: the store's recorded weights file, if it exists).")
 @click.option("--device", default="cpu", show_default=True, help="torch device for the encoder.")
 @click.option("--sheet", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also draw the query and its hits as a PNG contact sheet.")
+              help="Also draw the query and its hits as a PNG contact sheet (several queries: "
+                   "one sheet each, numbered: hits.png -> hits-1.png, hits-2.png, ...).")
 @output_format_option
 @user_errors
-def search(image, store_path, image_id, k, labels, split, split_scheme, where, groups,
+def search(images, store_path, image_ids, k, labels, split, split_scheme, where, groups,
            exclude_group, group_of, index_kind, rebuild_index, target_recall, weights, device, sheet,
            output_format):
-    """Find the stored images most similar to IMAGE (a file) or to a stored image (--id).
+    """Find the stored images most similar to IMAGES (files) or to stored images (--id).
 
     Similarity is the cosine of L2-normalised embeddings (inner product).
     Filters are applied before ranking, so k hits come back whenever k images
-    pass them. IMAGE may also be a MedMNIST reference FILE.npz#SPLIT/INDEX.
+    pass them. An IMAGE may also be a MedMNIST reference FILE.npz#SPLIT/INDEX.
+
+    Several queries load the encoder once (most of a file query's time):
+    one table each, or with --format json a list of results (one query: the
+    result itself). A query file that cannot be read is reported and skipped,
+    and the command then exits with status 1.
 
     \b
     Example:
       mediret search query.jpg -k 10 --store indexes/ham
       mediret search query.jpg --label mel --split train --sheet hits.png
+      mediret search new/*.jpg -k 5 --format json > hits.json
       mediret search --id ISIC_0024306 -k 5 --exclude-group
       mediret search --id ISIC_0024306 --where "meta->>'sex' = 'male'" --format json
     """
-    from .search import Filters, query_from_file, query_from_id
+    from .search import Filters, query_from_id
     from .search import search as run_search
     from .store import Store
 
-    if (image is None) == (image_id is None):
-        raise click.UsageError("give either an IMAGE file or --id IMAGE_ID (one of them)")
-    if group_of and image_id:
+    if bool(images) == bool(image_ids):
+        raise click.UsageError("give either IMAGE files or --id IMAGE_ID (one of them)")
+    if group_of and image_ids:
         raise click.UsageError("--group-of is for image-file queries; --id uses the stored group")
+    if group_of and len(images) > 1:
+        raise click.UsageError("--group-of applies to a single image-file query")
     filters = Filters(labels=tuple(labels), split=split, split_scheme=split_scheme, where=where,
                       groups=tuple(groups))
+    given, failed = len(images or image_ids), []
     with Store.open(store_path) as store:
         index = _open_search_index(store, index_kind, rebuild_index, target_recall)
-        if image_id is not None:
-            query = query_from_id(store, image_id)
+        if image_ids:
+            queries = [(n, query_from_id(store, image_id)) for n, image_id in enumerate(image_ids, 1)]
         else:
-            query = query_from_file(store, image, weights=weights, group_of=group_of,
-                                    device=device)
-        result = run_search(store, query, k=k, filters=filters, exclude_group=exclude_group,
-                            index=index)
-    for note in result.notes:
-        click.echo(f"note: {note}", err=True)
-    if sheet is not None:
-        from .sheet import contact_sheet
-
-        drawn = contact_sheet(result, sheet)
-        click.echo(f"contact sheet: {drawn.path} ({drawn.layout.n_tiles} tiles; frames: blue "
-                   "query, green same label, red other label, grey query label unknown)"
-                   + (f"; {len(drawn.missing)} images not found, drawn as placeholders"
-                      if drawn.missing else ""), err=True)
+            queries, failed = _file_queries(store, images, weights, group_of, device)
+        results = [(n, run_search(store, query, k=k, filters=filters, exclude_group=exclude_group,
+                                  index=index)) for n, query in queries]
+    for n, result in results:
+        for note in result.notes:
+            click.echo(f"note: {note}", err=True)
+        if sheet is not None:
+            _draw_sheet(result, sheet if given == 1 else sheet.with_name(f"{sheet.stem}-{n}{sheet.suffix}"))
     if output_format == "json":
-        print_json(result.to_dict())
-        return
-    _print_search_result(result)
+        print_json(results[0][1].to_dict() if given == 1 else [result.to_dict() for _, result in results])
+    else:
+        for n, (_, result) in enumerate(results):
+            if n:
+                click.echo()
+            _print_search_result(result)
+    if failed:
+        raise click.ClickException(f"{len(failed)} of {len(images)} query images could not be read: "
+                                   + ", ".join(failed))
+
+
+def _file_queries(store, images: tuple[str, ...], weights, group_of, device) -> tuple[list, list[str]]:
+    """(position among ``images`` from 1, Query) of each image file, and the files that failed.
+
+    The encoder loads once, when the first file is found; its own errors (the store's
+    weights) stop the command. A file that cannot be read is reported and skipped,
+    unless it is the only one.
+    """
+    from .search import query_file, query_from_file, store_encoder
+
+    queries, failed, encoder = [], [], None
+
+    def skip(image: str, exc: SearchError) -> None:
+        if len(images) == 1:
+            raise exc
+        failed.append(image)
+        click.echo(f"error: {exc}; skipped", err=True)
+
+    for n, image in enumerate(images, 1):
+        try:
+            query_file(image)
+        except SearchError as exc:
+            skip(image, exc)
+            continue
+        if encoder is None:
+            encoder = store_encoder(store, weights, device)
+        try:
+            queries.append((n, query_from_file(store, image, weights=weights, group_of=group_of,
+                                               device=device, encoder=encoder)))
+        except SearchError as exc:
+            skip(image, exc)
+    return queries, failed
+
+
+def _draw_sheet(result, path: Path) -> None:
+    from .sheet import contact_sheet
+
+    drawn = contact_sheet(result, path)
+    click.echo(f"contact sheet: {drawn.path} ({drawn.layout.n_tiles} tiles; frames: blue "
+               "query, green same label, red other label, grey query label unknown)"
+               + (f"; {len(drawn.missing)} images not found, drawn as placeholders"
+                  if drawn.missing else ""), err=True)
 
 
 def _print_search_result(result) -> None:

@@ -746,13 +746,9 @@ def query_from_file(store: Store, source: str, weights: str | None = None,
     encoder: an already loaded encoder to reuse across queries (the store's own).
     """
     from .ingest import content_hash
-    from .sources import open_source, split_source
+    from .sources import open_source
 
-    path, split, _ = split_source(source)
-    if path.is_dir():
-        raise SearchError(f"query {path} is a folder; give one image file (or --id for a stored image)")
-    if not path.is_file():
-        raise SearchError(f"query image {path} not found")
+    path, split = query_file(source)
     try:
         image = open_source(source)
         image.load()
@@ -779,15 +775,36 @@ def query_from_file(store: Store, source: str, weights: str | None = None,
     return Query(vector=vector, source=source, image=stored, group_of=group_image)
 
 
+def query_file(source: str) -> tuple[Path, str | None]:
+    """The file of a query ``source`` (a path, or ``file.npz#split/index``) and its split, if any;
+    SearchError when it is missing or a folder."""
+    from .sources import split_source
+
+    path, split, _ = split_source(source)
+    if path.is_dir():
+        raise SearchError(f"query {path} is a folder; give one image file (or --id for a stored image)")
+    if not path.is_file():
+        raise SearchError(f"query image {path} not found")
+    return path, split
+
+
+def store_encoder(store: Store, weights: str | None = None, device: str = "cpu"):
+    """The store's encoder, loaded with its preprocessing and weights, for embedding queries.
+
+    weights: as for ``query_from_file``. fp32: for a few query images, trying bf16
+    (see ``Encoder``) would cost more than it saves.
+    """
+    from .encoders import load_encoder
+
+    return load_encoder(store.encoder.name, weights=weights or _store_weights(store),
+                        preprocess=store.encoder.preprocess, device=device, precision="fp32")
+
+
 def embed_image(store: Store, image, weights: str | None = None, device: str = "cpu",
                 encoder=None) -> np.ndarray:
     """One PIL image embedded with the store's encoder and preprocessing: (dim,) float32."""
-    from .encoders import load_encoder
-
     if encoder is None:
-        # fp32: for one image, trying bf16 (see Encoder) would cost more than it saves
-        encoder = load_encoder(store.encoder.name, weights=weights or _store_weights(store),
-                               preprocess=store.encoder.preprocess, device=device, precision="fp32")
+        encoder = store_encoder(store, weights, device)
     elif (encoder.name, encoder.preprocess.name) != (store.encoder.name, store.encoder.preprocess):
         raise SearchError(f"encoder {encoder.name} ({encoder.preprocess.name}) is not the "
                           f"store's {store.encoder.name} ({store.encoder.preprocess})")

@@ -315,6 +315,35 @@ def test_file_query_embeds_like_the_store(ham_store, efficientnet_lite0, tmp_pat
         assert other.group_id not in {h.image.group_id for h in result.hits}
 
 
+@pytest.mark.slow
+def test_cli_several_file_queries_load_the_encoder_once(ham_store, efficientnet_lite0, tmp_path, monkeypatch):
+    """Each query file's hits are those of its own embedding; an unreadable one is skipped, exit 1."""
+    from mediret import encoders
+
+    loads = []
+    monkeypatch.setattr(encoders, "load_encoder", lambda *a, **kw: loads.append(a) or efficientnet_lite0)
+    with Store.open(ham_store) as store:
+        ids = store.ids()
+        sources = [r.source for r in store.records(ids[[2, 7, 11]])]
+        X = store.vectors(ids)
+    queries = [sources[0], str(tmp_path / "missing.png"), *sources[1:]]
+    result = CliRunner().invoke(cli, ["search", *queries, "-k", "4", "--store", str(ham_store),
+                                      "--format", "json", "--sheet", str(tmp_path / "hits.png")])
+    assert result.exit_code == 1
+    assert "1 of 4 query images could not be read" in result.stderr and "missing.png" in result.stderr
+    assert len(loads) == 1
+    data = json.loads(result.stdout)
+    assert [r["query"]["source"] for r in data] == sources
+    for source, got in zip(sources, data):
+        with Image.open(source) as image:  # embedded here, on its own, by the library
+            vector = efficientnet_lite0.embed_images([image.convert("RGB")])[0]
+        expected, scores = brute_force(X, vector, 4, np.ones(len(X), bool))
+        assert [h["id"] for h in got["hits"]] == ids[expected].tolist()
+        assert [h["score"] for h in got["hits"]] == pytest.approx(scores, abs=1e-5)
+    # sheets numbered by the query's place on the command line (the 2nd was skipped)
+    assert sorted(p.name for p in tmp_path.glob("hits*.png")) == ["hits-1.png", "hits-3.png", "hits-4.png"]
+
+
 @pytest.mark.parametrize("weights_source, message", [
     ("local file /gone/squeezenet.pth", "weights file /gone/squeezenet.pth, which is gone"),
     ("random (untrained initialisation; for tests and benchmarks only)", "query it with --id"),
@@ -377,8 +406,10 @@ def test_cli_search_table_json_and_sheet(vs, tmp_path):
      "split scheme 'given' is not in"),
     (["missing.png"], 1, "query image missing.png not found"),
     (["."], 1, "query . is a folder; give one image file"),
-    ([], 2, "give either an IMAGE file or --id"),
-    (["x.png", "--id", "{id}"], 2, "give either an IMAGE file or --id"),
+    ([], 2, "give either IMAGE files or --id"),
+    (["x.png", "--id", "{id}"], 2, "give either IMAGE files or --id"),
+    (["x.png", "y.png", "--group-of", "{id}"], 2, "--group-of applies to a single image-file query"),
+    (["--id", "{id}", "--id", "ISIC_9999999"], 1, "no image 'ISIC_9999999'"),
     (["--id", "{id}", "--index", "lsh"], 2, "'lsh' is not one of"),
 ])
 def test_cli_search_errors(vs, args, code, message):
@@ -387,6 +418,19 @@ def test_cli_search_errors(vs, args, code, message):
     assert result.exit_code == code
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_cli_several_queries_stop_when_the_store_encoder_cannot_load(vs, tmp_path):
+    """The encoder's failure is the store's, not one query's: no query is skipped, nothing printed."""
+    shutil.copytree(vs.path, tmp_path / "s")
+    with Store.open(tmp_path / "s", read_only=False) as store:  # as if embedded with random weights
+        store.sql("UPDATE encoders SET weights_source = 'random (untrained initialisation)'")
+    image = str(ham_image_path(vs.rows[0]["image_id"]))
+    result = CliRunner().invoke(cli, ["search", str(tmp_path / "missing.png"), image, image,
+                                      "--store", str(tmp_path / "s")])
+    assert result.exit_code == 1
+    assert result.stderr.count("query it with --id") == 1
+    assert result.stderr.count("skipped") == 1 and result.stdout == ""
 
 
 @pytest.mark.parametrize("ascending", [True, False])
