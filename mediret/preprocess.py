@@ -200,10 +200,11 @@ class Preprocess:
         """(N, size, size, 3) uint8 ``pixels`` -> normalised float32 (N, 3, size, size) batch.
 
         ``pixels`` is one array or a sequence of N (size, size, 3) arrays (ingest's
-        decoded images, stacked once and converted to float in one call). The result is laid out channels-last in memory
-        (a permuted view of the input's layout, which the encoders' fast path
-        wants: no transposing copy) unless ``channels_last`` is false. Values do
-        not depend on the layout, nor on how ``pixels`` came.
+        decoded images, stacked once and converted to float in one call). The
+        result is laid out channels-last in memory (a permuted view of the
+        input's layout, which the encoders' fast path wants: no transposing
+        copy) unless ``channels_last`` is false. Values do not depend on the
+        layout, nor on how ``pixels`` came.
         """
         batch = self._normalise(_float_pixels(pixels, flip=self.channel_order == "BGR"))
         return batch if channels_last else batch.contiguous()
