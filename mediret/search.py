@@ -11,9 +11,13 @@ Index kinds (:data:`INDEX_KINDS`):
 ``exact``
     The store's own ``IndexFlatIP``: every allowed vector is scored. Up to
     ``SMALL_BATCH`` queries are scored by one BLAS matrix product over a
-    zero-copy view of the index's vectors (FAISS scans one query on one thread
-    at 0.41-0.65 of the memory-bandwidth bound, and slower with two; multi-threaded
-    sgemv reaches 0.93-1.04 of it: BENCHMARKS.md); larger batches go to FAISS.
+    zero-copy view of the index's vectors (on one host FAISS scanned one query
+    on one thread at 0.41-0.65 of the memory-bandwidth bound, and slower with
+    two, where multi-threaded sgemv reached 0.93-1.04 of it: BENCHMARKS.md);
+    larger batches go to FAISS. A single unfiltered query takes whichever of
+    BLAS and FAISS's one-thread scan was faster on a probe query (timed once
+    per index): on another host FAISS's scan was the faster, 27.5 against
+    23 GB/s.
 ``hnsw``
     ``IndexHNSWFlat``, M = 32 links per node, efConstruction = 200. efSearch
     is tuned at build time: the smallest of 16, 24, 32, 48, ..., 512 whose recall@10
@@ -239,6 +243,7 @@ class SearchIndex:
     build_seconds: float | None = None
     cache_file: str | None = None
     _id_map: tuple[np.ndarray, np.ndarray | None] | None = field(default=None, repr=False)  # see _flat_view
+    _one_query_scan: str | None = field(default=None, repr=False)  # "blas" or "faiss", see _single_scan
 
     @property
     def ntotal(self) -> int:
@@ -257,7 +262,8 @@ class SearchIndex:
         selection = selection or Selection()
         few = len(queries) <= SMALL_BATCH
         view = self._flat_view() if kind == "exact" and few else None
-        if view is not None:
+        if view is not None and not (len(queries) == 1 and selection.allowed is None
+                                     and self._single_scan(view) == "faiss"):
             return self._search_blas(queries, k, selection, *view)
         if few and faiss.omp_get_max_threads() > 1:
             # FAISS splits a search over queries; with a few of them, extra OpenMP threads only
@@ -280,6 +286,26 @@ class SearchIndex:
         del keep_alive  # the selector had to outlive the search; no longer
         scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
         return scores, ids
+
+    def _single_scan(self, view: tuple[np.ndarray, np.ndarray, np.ndarray | None]) -> str:
+        """Which scans one unfiltered query faster on this machine: "blas" or "faiss" (one thread).
+
+        Timed once per index, best of two each, on a stored vector as the query. Which
+        wins depends on the CPU: BLAS sgemv reached 0.93-1.04 of the memory-bandwidth bound
+        where FAISS's one-query scan reached 0.41-0.65 (2026-11-25), while on another
+        AVX-512 host FAISS's scan streamed 27.5 GB/s on one thread and OpenBLAS's sgemv
+        12 GB/s a thread (2026-12-03; BENCHMARKS.md part 3).
+        """
+        if self._one_query_scan is None:
+            probe = np.ascontiguousarray(view[0][:1])
+
+            def faiss_scan():
+                with _faiss_threads(1):
+                    self.exact.search(probe, 10)
+
+            self._one_query_scan = _fastest({"blas": lambda: self._search_blas(probe, 10, Selection(), *view),
+                                             "faiss": faiss_scan})
+        return self._one_query_scan
 
     def _flat_view(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
         """(vectors (n, d) viewing the flat index's memory, row -> id, id sort order), or None.
@@ -384,6 +410,17 @@ def _rows_of(ids: np.ndarray, order: np.ndarray | None, wanted: np.ndarray) -> n
     rows = np.minimum(np.searchsorted(ids, wanted, sorter=order), len(ids) - 1)
     rows = rows if order is None else order[rows]
     return rows[ids[rows] == wanted]
+
+
+def _fastest(calls: dict[str, Callable[[], Any]], repeat: int = 2) -> str:
+    """The name of the call that ran fastest, best of ``repeat`` interleaved runs each."""
+    seconds: dict[str, float] = {}
+    for _ in range(repeat):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            seconds[name] = min(seconds.get(name, math.inf), time.perf_counter() - started)
+    return min(seconds, key=seconds.__getitem__)
 
 
 @contextmanager

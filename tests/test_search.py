@@ -477,6 +477,50 @@ def test_blas_and_faiss_exact_paths_agree_with_brute_force(vs, ascending):
             assert set(faiss_ids[q, :n].tolist()) == set(blas_ids[q, :n].tolist()), name
 
 
+@pytest.mark.parametrize("faster", ["blas", "faiss"])
+def test_one_unfiltered_query_takes_the_scan_that_was_faster(vs, monkeypatch, faster):
+    """A single query without an allow-list runs the scan timed faster once; others keep BLAS."""
+    import faiss
+
+    from mediret.search import SearchIndex, Selection
+
+    X = vs.X.astype(np.float32)
+    ids = np.arange(len(X), dtype=np.int64)
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(X.shape[1]))
+    index.add_with_ids(X, ids)
+    searcher = SearchIndex("exact", index, index)
+    timed, blas_calls = [], []
+    monkeypatch.setattr(search_module, "_fastest", lambda calls: timed.append(sorted(calls)) or faster)
+    blas = SearchIndex._search_blas
+    monkeypatch.setattr(SearchIndex, "_search_blas",
+                        lambda self, queries, *a: blas_calls.append(len(queries)) or blas(self, queries, *a))
+    excluded = Selection(excluded=ids[[5, 8]])
+    mask = ~np.isin(ids, excluded.excluded)
+    for q in (0, 5, 17):
+        scores, found = searcher.search(X[q], 10, excluded)
+        rows, expected = brute_force(X, X[q], 10, mask)
+        assert set(found[0].tolist()) == set(rows.tolist())
+        np.testing.assert_allclose(scores[0], expected, atol=1e-5)
+    assert timed == [["blas", "faiss"]]  # timed once, then kept
+    assert blas_calls == ([1, 1, 1] if faster == "blas" else [])
+    searcher.search(X[:3], 10)  # several queries: BLAS whichever won
+    searcher.search(X[0], 10, Selection(allowed=ids[:50]))  # an allow-list: BLAS gathers those rows
+    assert blas_calls[-2:] == [3, 1]
+
+
+def test_the_single_query_scan_is_timed_for_real(vs):
+    import faiss
+
+    from mediret.search import SearchIndex
+
+    X = vs.X.astype(np.float32)
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(X.shape[1]))
+    index.add_with_ids(X, np.arange(len(X), dtype=np.int64))
+    searcher = SearchIndex("exact", index, index)
+    _, found = searcher.search(X[4], 3)
+    assert found[0, 0] == 4 and searcher._one_query_scan in ("blas", "faiss")
+
+
 def test_ivf_pq_tunes_a_longer_shortlist_when_the_short_one_caps_recall():
     """Uniform random 128-d vectors: 16-byte PQ codes rank them coarsely, so max(10k, 100) candidates
     cannot reach recall@10 0.95 at any nprobe; the tuning must lengthen the shortlist."""
