@@ -490,7 +490,7 @@ def test_one_unfiltered_query_takes_the_scan_that_was_faster(vs, monkeypatch, fa
     index.add_with_ids(X, ids)
     searcher = SearchIndex("exact", index, index)
     timed, blas_calls = [], []
-    monkeypatch.setattr(search_module, "_fastest", lambda calls: timed.append(sorted(calls)) or faster)
+    monkeypatch.setattr(search_module, "_fastest", lambda calls, repeat: timed.append(sorted(calls)) or faster)
     blas = SearchIndex._search_blas
     monkeypatch.setattr(SearchIndex, "_search_blas",
                         lambda self, queries, *a: blas_calls.append(len(queries)) or blas(self, queries, *a))
