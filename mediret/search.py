@@ -105,7 +105,7 @@ RECALL_SAMPLE = 2000  # stored vectors as queries: half to tune on, half to repo
 RECALL_MARGIN = 2.0  # standard errors a tuned setting's recall must clear the target by (see _recall10)
 EXACT_FILTER_FRACTION = 0.1
 SMALL_BATCH = 16  # exact queries up to this many are scored with numpy/BLAS, more with FAISS
-SCAN_PROBE_BIG = 256 << 20  # indexes above this many bytes time their single-query scans twice, others 5 times
+SCAN_PROBE_BYTES = 256 << 20  # the single-query scans are timed on at most this much of the index (see _single_scan)
 GATHER_FRACTION = 0.25  # below this share of the store, allowed vectors are gathered, not scanned
 
 IMAGE_COLUMNS = ("id, image_id, source, dataset, group_id, given_split, content_hash, width, "
@@ -292,23 +292,29 @@ class SearchIndex:
         """Which scans one unfiltered query faster on this machine: "blas" or "faiss" (one thread).
 
         Timed once per index, on the first such query, under the thread settings then in
-        force: best of two runs each on a stored vector as the query (five under 256 MB,
-        where a scan takes milliseconds and one run is easily disturbed). Which
+        force: best of five runs each, a stored vector as the query, over the first
+        ``SCAN_PROBE_BYTES`` of the vectors (beyond the CPU's caches, yet at most about
+        50 ms in all: at 1M x 512 both scans streamed as fast over 256 MB as over the whole
+        2 GB, ad hoc). Which
         wins depends on the CPU: BLAS sgemv reached 0.93-1.04 of the memory-bandwidth bound
         where FAISS's one-query scan reached 0.41-0.65 (2026-11-25), while on another
         AVX-512 host FAISS's scan streamed 27.5 GB/s on one thread and OpenBLAS's sgemv
         12 GB/s a thread (2026-12-03; BENCHMARKS.md part 3).
         """
         if self._one_query_scan is None:
-            probe = np.ascontiguousarray(view[0][:1])
+            import faiss
 
-            def faiss_scan():
+            vectors, row_ids, _ = view
+            rows = max(1, min(len(vectors), SCAN_PROBE_BYTES // max(1, vectors[0].nbytes)))
+            sample, probe = vectors[:rows], np.ascontiguousarray(vectors[:1])
+
+            def faiss_scan():  # the kernel of IndexFlatIP's search, over the sample
                 with _faiss_threads(1):
-                    self.exact.search(probe, 10)
+                    faiss.knn(probe, sample, 10, faiss.METRIC_INNER_PRODUCT)
 
-            self._one_query_scan = _fastest({"blas": lambda: self._search_blas(probe, 10, Selection(), *view),
-                                             "faiss": faiss_scan},
-                                            repeat=2 if view[0].nbytes > SCAN_PROBE_BIG else 5)
+            self._one_query_scan = _fastest(
+                {"blas": lambda: self._search_blas(probe, 10, Selection(), sample, row_ids[:rows], None),
+                 "faiss": faiss_scan}, repeat=5)
         return self._one_query_scan
 
     def _flat_view(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:

@@ -508,7 +508,7 @@ def test_one_unfiltered_query_takes_the_scan_that_was_faster(vs, monkeypatch, fa
     assert blas_calls[-2:] == [3, 1]
 
 
-def test_the_single_query_scan_is_timed_for_real(vs):
+def test_the_single_query_scan_is_timed_for_real_on_a_sample(vs, monkeypatch):
     import faiss
 
     from mediret.search import SearchIndex
@@ -517,8 +517,16 @@ def test_the_single_query_scan_is_timed_for_real(vs):
     index = faiss.IndexIDMap2(faiss.IndexFlatIP(X.shape[1]))
     index.add_with_ids(X, np.arange(len(X), dtype=np.int64))
     searcher = SearchIndex("exact", index, index)
+    monkeypatch.setattr(search_module, "SCAN_PROBE_BYTES", X[0].nbytes * 10)  # the probe scans 10 rows
+    scanned, knn = [], faiss.knn
+    blas = SearchIndex._search_blas
+    monkeypatch.setattr(SearchIndex, "_search_blas",
+                        lambda self, queries, k, sel, vectors, *a: scanned.append(len(vectors))
+                        or blas(self, queries, k, sel, vectors, *a))
+    monkeypatch.setattr(faiss, "knn", lambda q, xb, *a: scanned.append(len(xb)) or knn(q, xb, *a))
     _, found = searcher.search(X[4], 3)
     assert found[0, 0] == 4 and searcher._one_query_scan in ("blas", "faiss")
+    assert scanned[:10] == [10] * 10  # five timed runs of each scan, on the sample
 
 
 def test_ivf_pq_tunes_a_longer_shortlist_when_the_short_one_caps_recall():
