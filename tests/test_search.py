@@ -47,6 +47,15 @@ def assert_same_hits(result, ids, scores):
     np.testing.assert_allclose([h.score for h in result.hits], scores, atol=1e-5)
 
 
+def exact_index(X, ids):
+    """A store's kind of exact index (IndexIDMap2 over IndexFlatIP) holding the rows of ``X`` as ``ids``."""
+    import faiss
+
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(X.shape[1]))
+    index.add_with_ids(X, ids)
+    return index
+
+
 def test_query_by_id_matches_brute_force_and_never_returns_itself(vs):
     with Store.open(vs.path) as store:
         for row in (0, 17, 1234):
@@ -220,13 +229,10 @@ def test_ivf_pq_shape_fits_faiss_constraints():
 
 
 def test_ivf_pq_refuses_a_store_too_small_to_train_its_codes():
-    import faiss
-
     from mediret.search import IVF_MIN_VECTORS, build_from_vectors
 
     X = np.eye(IVF_MIN_VECTORS - 1, 8 * 4, dtype=np.float32)
-    exact = faiss.IndexIDMap2(faiss.IndexFlatIP(X.shape[1]))
-    exact.add_with_ids(X, np.arange(len(X), dtype=np.int64))
+    exact = exact_index(X, np.arange(len(X), dtype=np.int64))
     with pytest.raises(SearchError, match=f"at least {IVF_MIN_VECTORS} vectors, the store holds {len(X)}"):
         build_from_vectors("ivf-pq", X, np.arange(len(X), dtype=np.int64), exact)
 
@@ -436,8 +442,6 @@ def test_cli_several_queries_stop_when_the_store_encoder_cannot_load(vs, tmp_pat
 @pytest.mark.parametrize("ascending", [True, False])
 def test_blas_and_faiss_exact_paths_agree_with_brute_force(vs, ascending):
     """Few queries are scored with numpy on the index's memory, many with FAISS: same hits either way."""
-    import faiss
-
     from mediret.search import SMALL_BATCH, SearchIndex, Selection
 
     rng = np.random.default_rng(3)
@@ -445,8 +449,7 @@ def test_blas_and_faiss_exact_paths_agree_with_brute_force(vs, ascending):
     ids = np.arange(1000, 1000 + len(X), dtype=np.int64)
     if not ascending:
         ids = rng.permutation(ids)
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(X.shape[1]))
-    index.add_with_ids(X, ids)
+    index = exact_index(X, ids)
     searcher = SearchIndex("exact", index, index)
     queries = X[rng.choice(len(X), SMALL_BATCH + 1, replace=False)]
     few, many = queries[:3], queries  # 3 -> numpy/BLAS; SMALL_BATCH + 1 -> FAISS
@@ -480,14 +483,11 @@ def test_blas_and_faiss_exact_paths_agree_with_brute_force(vs, ascending):
 @pytest.mark.parametrize("faster", ["blas", "faiss"])
 def test_one_unfiltered_query_takes_the_scan_that_was_faster(vs, monkeypatch, faster):
     """A single query without an allow-list runs the scan timed faster once; others keep BLAS."""
-    import faiss
-
     from mediret.search import SearchIndex, Selection
 
     X = vs.X.astype(np.float32)
     ids = np.arange(len(X), dtype=np.int64)
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(X.shape[1]))
-    index.add_with_ids(X, ids)
+    index = exact_index(X, ids)
     searcher = SearchIndex("exact", index, index)
     timed, blas_calls = [], []
     monkeypatch.setattr(search_module, "_fastest", lambda calls, repeat: timed.append(sorted(calls)) or faster)
@@ -514,8 +514,7 @@ def test_the_single_query_scan_is_timed_for_real_on_a_sample(vs, monkeypatch):
     from mediret.search import SearchIndex
 
     X = vs.X.astype(np.float32)
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(X.shape[1]))
-    index.add_with_ids(X, np.arange(len(X), dtype=np.int64))
+    index = exact_index(X, np.arange(len(X), dtype=np.int64))
     searcher = SearchIndex("exact", index, index)
     monkeypatch.setattr(search_module, "SCAN_PROBE_BYTES", X[0].nbytes * 10)  # the probe scans 10 rows
     scanned, knn = [], faiss.knn
@@ -532,16 +531,13 @@ def test_the_single_query_scan_is_timed_for_real_on_a_sample(vs, monkeypatch):
 def test_ivf_pq_tunes_a_longer_shortlist_when_the_short_one_caps_recall():
     """Uniform random 128-d vectors: 16-byte PQ codes rank them coarsely, so max(10k, 100) candidates
     cannot reach recall@10 0.95 at any nprobe; the tuning must lengthen the shortlist."""
-    import faiss
-
     from mediret.search import IVF_TARGET_RECALL, build_from_vectors
 
     rng = np.random.default_rng(0)
     X = rng.standard_normal((16000, 128)).astype(np.float32)
     X /= np.linalg.norm(X, axis=1, keepdims=True)
     ids = np.arange(len(X), dtype=np.int64) * 3 + 7
-    exact = faiss.IndexIDMap2(faiss.IndexFlatIP(128))
-    exact.add_with_ids(X, ids)
+    exact = exact_index(X, ids)
     built = build_from_vectors("ivf-pq", X, ids, exact, seed=0)
     assert built.params["refine_factor"] > 10
     # recall of the chosen setting, computed here on fresh queries
@@ -656,8 +652,7 @@ def test_recall10_reports_the_mean_and_the_mean_minus_the_margin_of_standard_err
 
     X = vs.X.astype(np.float32)
     ids = np.arange(len(X), dtype=np.int64)
-    exact = faiss.IndexIDMap2(faiss.IndexFlatIP(X.shape[1]))
-    exact.add_with_ids(X, ids)
+    exact = exact_index(X, ids)
     hnsw = faiss.IndexHNSWFlat(X.shape[1], 4, faiss.METRIC_INNER_PRODUCT)
     graph = faiss.IndexIDMap2(hnsw)
     graph.add_with_ids(X, ids)
@@ -691,8 +686,6 @@ def test_ivf_pq_on_fewer_vectors_than_dimensions_builds_without_opq():
     """300 x 512 (PAD-UFES-20 is 686 x 1280): FAISS's OPQ training aborts the process on fewer
     vectors than dimensions, so the index is built without the rotation, and still finds
     the exact neighbours of the stored vectors."""
-    import faiss
-
     from mediret.search import build_from_vectors
 
     rng = np.random.default_rng(4)
@@ -700,8 +693,7 @@ def test_ivf_pq_on_fewer_vectors_than_dimensions_builds_without_opq():
     X = centres[rng.integers(0, 6, 300)] + 0.5 * rng.standard_normal((300, 512)).astype(np.float32)
     X /= np.linalg.norm(X, axis=1, keepdims=True)
     ids = np.arange(len(X), dtype=np.int64) + 100
-    exact = faiss.IndexIDMap2(faiss.IndexFlatIP(512))
-    exact.add_with_ids(X, ids)
+    exact = exact_index(X, ids)
     built = build_from_vectors("ivf-pq", X, ids, exact, seed=0)
     assert built.params["opq"] is False and built.params["opq_iterations"] == 0
     _, found = built.search(X[:50], 10)
