@@ -14,6 +14,16 @@ freed activations stay mapped for the next batch. On 2 cores, batch 32
 ingest unchanged. Buffers of 256 MiB and more (a FAISS index, a big numpy
 matrix) are still mapped and returned to the OS as before.
 
+It also limits glibc to one arena (``M_ARENA_MAX``), so that threads other than
+the main one allocate from the main heap too. glibc gives other threads arenas
+of 64 MiB heaps, and serves any larger buffer (an EfficientNet-Lite0 activation
+at batch 32 is 154 MB) with ``mmap`` whatever the threshold: the encoders'
+forward threads (``Encoder.embed_stream``) would page-fault their activations
+in on every batch. Arenas made before the limit stay, and glibc hands them out
+in turn to new threads as well: ``load_encoder`` applies the setting before it
+builds a model (whose initialisation runs torch's threads), and
+``heap_keeps_large_buffers`` tells a thread whether it is spared the faults.
+
 The setting is process-wide and applies only to glibc (Linux); elsewhere, or when
 the user set ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` /
 ``MALLOC_MMAP_MAX_`` themselves, or with ``MEDIRET_MALLOC_TUNING=0``, it does nothing.
@@ -33,7 +43,10 @@ DISABLE_ENV = "MEDIRET_MALLOC_TUNING"
 USER_ENVS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_")
 M_TRIM_THRESHOLD = -1  # from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 MMAP_THRESHOLD_BYTES = 256 << 20
+# Above a secondary arena's 64 MiB heap, below the mmap threshold (heap_keeps_large_buffers).
+PROBE_BYTES = 96 << 20
 TRIM_THRESHOLD_BYTES = 1 << 30
 
 _applied: bool | None = None
@@ -65,4 +78,39 @@ def _apply() -> bool:
     applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
     if not applied:
         log.debug("mallopt refused the thresholds; the allocator keeps glibc's defaults")
+    elif "MALLOC_ARENA_MAX" not in os.environ and not mallopt(M_ARENA_MAX, 1):  # unless the user set it
+        log.debug("mallopt refused M_ARENA_MAX; threads keep their own arenas")
     return applied
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap_keeps_large_buffers() -> bool:
+    """Whether a freed activation-sized buffer stays mapped for the calling thread.
+
+    True when ``keep_freed_memory`` has put the thresholds in effect and a ``PROBE_BYTES`` allocation made
+    by this thread comes from the heap rather than from ``mmap`` (glibc's count of
+    mapped bytes, ``mallinfo2().hblkhd``, does not grow): the thread allocates from
+    the main arena (see the module docstring). False elsewhere, including where
+    glibc is too old for ``mallinfo2`` (before 2.33).
+    """
+    if not _applied:  # keep_freed_memory not called, or not in effect
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        mallinfo2, malloc, free = libc.mallinfo2, libc.malloc, libc.free
+    except (OSError, AttributeError, TypeError):
+        return False
+    mallinfo2.restype = _MallInfo2
+    malloc.argtypes, malloc.restype = (ctypes.c_size_t,), ctypes.c_void_p
+    free.argtypes, free.restype = (ctypes.c_void_p,), None
+    before = mallinfo2().hblkhd
+    block = malloc(PROBE_BYTES)  # never touched: no page is faulted in
+    if not block:
+        return False
+    mapped = mallinfo2().hblkhd > before
+    free(block)
+    return not mapped
