@@ -21,16 +21,19 @@ import os
 import pickle
 import socket
 import threading
+import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlparse
 
 import numpy as np
 
-from mediret.allocator import keep_freed_memory
+from mediret.allocator import heap_keeps_large_buffers, keep_freed_memory
 from mediret.errors import EncoderError
 from mediret.preprocess import Preprocess, get_preset
 
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RANDOM = "random"
 WEIGHTS_DIR_ENV = "MEDIRET_WEIGHTS_DIR"
@@ -46,6 +50,8 @@ OFFLINE_ENVS = ("MEDIRET_OFFLINE", "HF_HUB_OFFLINE")
 PRECISIONS = ("auto", "fp32")
 BF16_MIN_COSINE = 0.9995  # the bf16 model must match fp32 this closely on the first batch to be kept
 PROBE_TIMEOUT_S = 3.0
+# Batches an optimized CPU encoder runs side by side in embed_stream, each on its share of torch's threads.
+FORWARD_STREAMS = 2
 DOWNLOAD_SOCKET_TIMEOUT_S = 60.0
 
 
@@ -139,6 +145,10 @@ class Encoder:
     one, and that batch's fp32 embeddings are returned. Measured on 2 cores
     (BENCHMARKS.md): CLIP ViT-B/32 (random weights) 3.5x fp32 at cosine 0.99994;
     EfficientNet-Lite0's real weights fail the check (0.9955) and stay fp32.
+
+    forward_streams: how many batches ``embed_stream`` runs at once, each in its
+        own thread with an equal share of torch's threads (``FORWARD_STREAMS`` for
+        optimized CPU encoders, 1 otherwise; set it to 1 for one batch at a time).
     """
 
     def __init__(
@@ -151,6 +161,7 @@ class Encoder:
         optimized: bool,
         channels_last: bool,
         bf16_model: Any = None,
+        forward_streams: int = 1,
     ) -> None:
         self.spec = spec
         self.model = model
@@ -162,6 +173,8 @@ class Encoder:
         self.channels_last = channels_last  # the fast path's memory layout (see embed_batch)
         self._bf16_model = bf16_model
         self._input_dtype: Any = None  # torch.float32 until a bf16 model is adopted
+        self.forward_streams = forward_streams
+        self._streams: ThreadPoolExecutor | bool | None = None  # started on demand; False: unusable here
 
     @property
     def name(self) -> str:
@@ -218,6 +231,63 @@ class Encoder:
             return np.zeros((0, self.dim), dtype=np.float32)
         return self.embed_batch(self.preprocess.normalise_batch(pixels, self.channels_last))
 
+    def embed_stream(self, items: Iterable[T], batch: Callable[[T], Any] | None = None) -> Iterator[tuple[T, np.ndarray]]:
+        """Embed a stream of batches: yields ``(item, embeddings of batch(item))`` in the items' order.
+
+        A batch is what ``embed_pixels`` takes (uint8 pixels) or ``embed_batch`` takes
+        (a normalised tensor); ``batch`` picks it out of each item (default: the item
+        itself). With ``forward_streams`` > 1 on the CPU, that many batches run side by
+        side, each in its own thread on its share of torch's threads, and one more
+        waits ready: on 2 cores, two single-threaded forward passes do more than one
+        pass on both cores (its threads wait for each other at every layer), and work
+        elsewhere in the process (decoding images, say) then delays one pass instead
+        of both (BENCHMARKS.md part 2). The embeddings equal ``embed_pixels``' to
+        float rounding. The first batch runs alone while the bf16 check is pending,
+        and everything runs inline where the threads would allocate their activations
+        afresh each batch (``mediret.allocator.heap_keeps_large_buffers``).
+        """
+        pick = batch or (lambda item: item)
+        pending: deque = deque()
+        try:
+            for item in items:
+                streams = self._forward_threads()
+                if streams is None:
+                    while pending:  # in order, before the inline batch
+                        done, future = pending.popleft()
+                        yield done, future.result()
+                    yield item, self._embed_any(pick(item))
+                    continue
+                pending.append((item, streams.submit(self._embed_any, pick(item))))
+                if len(pending) > self.forward_streams:
+                    done, future = pending.popleft()
+                    yield done, future.result()
+            while pending:
+                done, future = pending.popleft()
+                yield done, future.result()
+        finally:
+            for _, future in pending:  # the consumer stopped early, or a batch failed
+                future.cancel()
+
+    def _embed_any(self, batch: Any) -> np.ndarray:
+        import torch
+
+        return self.embed_batch(batch) if isinstance(batch, torch.Tensor) else self.embed_pixels(batch)
+
+    def _forward_threads(self) -> ThreadPoolExecutor | None:
+        """The threads ``embed_stream`` runs batches in; None to run them inline."""
+        import torch
+
+        if self.forward_streams < 2 or self.device != "cpu" or self._bf16_model is not None:
+            return None
+        if self._streams is None:
+            threads = torch.get_num_threads() // self.forward_streams
+            if threads < 1:
+                return None  # fewer threads than streams (for now: torch's setting may change)
+            self._streams = _start_forward_threads(self.forward_streams, threads) or False
+            if self._streams:
+                weakref.finalize(self, self._streams.shutdown, wait=False)
+        return self._streams or None
+
     def embed_images(self, images: Iterable[Image.Image]) -> np.ndarray:
         """Preprocess PIL images with this encoder's preset and embed them as one batch."""
         return self.embed_pixels([self.preprocess.pixels(image) for image in images])
@@ -264,6 +334,8 @@ def load_encoder(
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise EncoderError(f"device {device!r} requested but CUDA is not available; use --device cpu")
     path, source = _resolve_weights(spec, weights)
+    if optimize:
+        keep_freed_memory()  # before the build's torch threads allocate (see mediret.allocator)
     built = spec.build(path)
     if built.note:
         source = f"{source} ({built.note})"
@@ -274,7 +346,6 @@ def load_encoder(
     if optimize:
         from mediret.fastpath import optimize as fast_path
 
-        keep_freed_memory()
         model = fast_path(model, spec.name, spec.input_size, fuse=torch_device.type == "cpu")
         channels_last = spec.channels_last
     model = model.to(torch_device)
@@ -285,8 +356,39 @@ def load_encoder(
         from mediret.fastpath import to_bfloat16
 
         bf16_model = to_bfloat16(model, spec.input_size)
+    streams = FORWARD_STREAMS if optimize and torch_device.type == "cpu" else 1
     return Encoder(spec, model, get_preset(preset, spec.input_size), source, str(torch_device), optimize,
-                   channels_last, bf16_model)
+                   channels_last, bf16_model, forward_streams=streams)
+
+
+def _start_forward_threads(streams: int, threads: int) -> ThreadPoolExecutor | None:
+    """``streams`` threads, each running torch on ``threads`` threads; None where they would be slow.
+
+    None when a thread would not keep its freed activation buffers
+    (``heap_keeps_large_buffers``: it would page-fault them in again every batch,
+    slower than one stream).
+    """
+    import torch
+
+    pool = ThreadPoolExecutor(streams, thread_name_prefix="mediret-forward")
+    all_started = threading.Barrier(streams)
+    one_at_a_time = threading.Lock()  # each probe sees only its own allocation
+
+    def set_up() -> bool:
+        all_started.wait(timeout=60)  # so that each of the tasks runs in a thread of its own
+        torch.set_num_threads(threads)  # per thread (OpenMP's setting of the calling thread)
+        with one_at_a_time:
+            return heap_keeps_large_buffers()
+
+    try:
+        usable = all([task.result() for task in [pool.submit(set_up) for _ in range(streams)]])
+    except threading.BrokenBarrierError:
+        usable = False
+    if not usable:
+        pool.shutdown(wait=False)
+        log.info("forward passes run one batch at a time: threads would not keep their activation buffers")
+        return None
+    return pool
 
 
 def native_bf16() -> bool:
