@@ -328,6 +328,128 @@ def test_embed_pixels_equals_embedding_stacked_tensors(name):
     assert encoder.embed_pixels(pixels[:0]).shape == (0, encoder.dim)
 
 
+@pytest.fixture
+def two_torch_threads():
+    """Torch on two threads for the test (this module runs it on one): ``embed_stream``'s two streams."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+class _ForwardSpy:
+    """Wraps an encoder's ``embed_pixels``: which thread ran each batch, on how many torch threads,
+    and how many batches ran at once at most."""
+
+    def __init__(self, encoder):
+        import threading
+
+        self.calls: list[tuple[int, str, int]] = []
+        self.running = self.most_at_once = 0
+        self._lock = threading.Lock()
+        real = encoder.embed_pixels
+
+        def spy(pixels):
+            with self._lock:
+                self.running += 1
+                self.most_at_once = max(self.most_at_once, self.running)
+                self.calls.append((len(pixels), threading.current_thread().name, torch.get_num_threads()))
+            try:
+                return real(pixels)
+            finally:
+                with self._lock:
+                    self.running -= 1
+
+        encoder.embed_pixels = spy
+
+    @property
+    def threads(self) -> list[str]:
+        return [name for _, name, _ in self.calls]
+
+
+def _ham_pixel_batches(encoder, sizes: list[int]) -> list[np.ndarray]:
+    pixels = [encoder.preprocess.pixels(Image.open(_ham(i))) for i in range(sum(sizes))]
+    starts = np.cumsum([0, *sizes])
+    return [np.stack(pixels[a:b]) for a, b in zip(starts[:-1], starts[1:])]
+
+
+def test_embed_stream_runs_two_batches_at_once_in_order(two_torch_threads):
+    """Real images, real weights: on two torch threads, batches run side by side in two forward
+    threads of one torch thread each, come back in order, and equal embed_pixels on both threads."""
+    encoder = load_encoder("efficientnet-lite0", precision="fp32")
+    assert encoder.forward_streams == 2
+    batches = _ham_pixel_batches(encoder, [6, 5, 6, 3, 6])
+    expected = [encoder.embed_pixels(batch) for batch in batches]  # one batch at a time, two threads
+    spy = _ForwardSpy(encoder)
+    got = list(encoder.embed_stream(enumerate(batches), batch=lambda item: item[1]))
+    assert [index for (index, _), _ in got] == list(range(5))
+    for (_, vectors), want in zip(got, expected):
+        _assert_unit_rows(vectors, len(want), encoder.dim)
+        np.testing.assert_allclose(vectors, want, atol=1e-5)  # float rounding: 1 thread vs 2
+    assert [size for size, _, _ in spy.calls] == [6, 5, 6, 3, 6]  # submitted in order
+    assert len(set(spy.threads)) == 2 and all(t.startswith("mediret-forward") for t in spy.threads)
+    assert {threads for _, _, threads in spy.calls} == {1}
+    assert spy.most_at_once == 2
+    assert torch.get_num_threads() == 2  # the caller's own setting untouched
+
+
+def test_embed_stream_takes_tensors_and_runs_inline_on_one_thread():
+    """With one torch thread (or one stream) everything runs in the caller's thread; normalised
+    tensors go to embed_batch. The streams start once torch has two threads."""
+    encoder = load_encoder("efficientnet-lite0", precision="fp32")
+    batches = _ham_pixel_batches(encoder, [4, 3])
+    tensors = [encoder.preprocess.normalise_batch(batch) for batch in batches]
+    spy = _ForwardSpy(encoder)
+    for tensor, got in encoder.embed_stream(tensors):
+        np.testing.assert_array_equal(got, encoder.embed_batch(tensor))
+    assert spy.calls == [] and encoder._streams is None  # tensors: embed_batch, inline (one thread)
+    got = [vectors for _, vectors in encoder.embed_stream(batches)]
+    assert spy.threads == ["MainThread"] * 2 and encoder._streams is None
+    torch.set_num_threads(2)
+    try:
+        encoder.forward_streams = 1
+        list(encoder.embed_stream(batches))
+        assert spy.threads[2:] == ["MainThread"] * 2
+        encoder.forward_streams = 2
+        again = [vectors for _, vectors in encoder.embed_stream(batches)]
+    finally:
+        torch.set_num_threads(1)
+    assert all(t.startswith("mediret-forward") for t in spy.threads[4:]) and encoder._streams
+    np.testing.assert_array_equal(np.concatenate(again), np.concatenate(got))  # one thread each, as inline
+
+
+def test_embed_stream_runs_the_bf16_check_alone_first(two_torch_threads):
+    """The bf16 check replaces the model: the first batch runs in the caller's thread, the rest in
+    the forward threads on the adopted model. (A stand-in bf16 copy, so on any CPU.)"""
+    encoder = load_encoder("efficientnet-lite0", precision="fp32")
+    fp32_model = encoder.model
+    encoder._bf16_model = lambda x: fp32_model(x.float())  # passes the check: the same model
+    spy = _ForwardSpy(encoder)
+    batches = _ham_pixel_batches(encoder, [3, 3, 3, 3])
+    list(encoder.embed_stream(batches))
+    assert spy.threads[0] == "MainThread" and all(t.startswith("mediret-forward") for t in spy.threads[1:])
+    assert encoder.precision.startswith("bf16") and encoder.model is not fp32_model
+
+
+def test_embed_stream_runs_inline_where_threads_would_lose_their_buffers(two_torch_threads, monkeypatch):
+    monkeypatch.setattr(encoders, "heap_keeps_large_buffers", lambda: False)
+    encoder = load_encoder("efficientnet-lite0", precision="fp32")
+    spy = _ForwardSpy(encoder)
+    list(encoder.embed_stream(_ham_pixel_batches(encoder, [2, 2, 2])))
+    assert spy.threads == ["MainThread"] * 3 and encoder._streams is False
+
+
+def test_embed_stream_raises_a_failed_batch_in_its_place(two_torch_threads):
+    encoder = load_encoder("efficientnet-lite0", precision="fp32")
+    good = _ham_pixel_batches(encoder, [2, 2])
+    wrong_size = np.zeros((2, 100, 100, 3), np.uint8)
+    stream = encoder.embed_stream([good[0], wrong_size, good[1], good[0]])
+    assert next(stream)[1].shape == (2, encoder.dim)
+    with pytest.raises(EncoderError, match="expects batches of shape"):
+        next(stream)
+    assert len(list(encoder.embed_stream(good))) == 2  # the threads still work
+
+
 def test_torch_resampling_keeps_embeddings_of_the_pil_transform():
     """Real EfficientNet-Lite0 weights, real images: the default resampler's embeddings vs PIL-resized ones."""
     import dataclasses
@@ -448,6 +570,41 @@ def test_bf16_is_adopted_only_when_the_first_batch_matches_fp32(name, caffe_weig
     assert _cosine(fp32.embed_batch(second), reference.embed_batch(second)).min() >= 0.99999
     with pytest.raises(EncoderError, match="precision"):
         load_encoder(name, weights=weights, precision="fp16")
+
+
+def test_allocator_lets_new_threads_keep_large_buffers():
+    """With mediret's setting, a thread started afterwards allocates activation-sized buffers from the
+    heap (kept when freed), as the main thread does; glibc's default gives it an arena whose
+    largest buffers are mapped afresh each time, and a thread that allocated before keeps that."""
+    script = (
+        "import sys, threading\n"
+        "from mediret.allocator import heap_keeps_large_buffers, keep_freed_memory\n"
+        "def in_thread(function):\n"
+        "    out = []\n"
+        "    thread = threading.Thread(target=lambda: out.append(function()))\n"
+        "    thread.start(); thread.join()\n"
+        "    return out[0]\n"
+        "import ctypes, ctypes.util\n"
+        "libc = ctypes.CDLL(ctypes.util.find_library('c'))\n"
+        "libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)\n"
+        "libc.free.argtypes = (ctypes.c_void_p,)\n"
+        "early = threading.Event(); done = threading.Event(); result = []\n"
+        "def allocates_early():\n"
+        "    libc.free(libc.malloc(1000)); early.set(); done.wait()\n"
+        "    result.append(heap_keeps_large_buffers())\n"
+        "before = threading.Thread(target=allocates_early); before.start(); early.wait()\n"
+        "applied = keep_freed_memory() if sys.argv[1] == 'on' else False\n"
+        "later = in_thread(heap_keeps_large_buffers)\n"
+        "done.set(); before.join()\n"
+        "print(applied, heap_keeps_large_buffers(), later, result[0])\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MALLOC_")}
+    out = {mode: subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True,
+                                check=True, env=env).stdout.split() for mode in ("off", "on")}
+    if out["on"][0] != "True":
+        pytest.skip("not glibc: mediret leaves the allocator alone")
+    assert out["off"][1:] == ["False"] * 3  # not applied: no thread is told it keeps them
+    assert out["on"][1:] == ["True", "True", "False"]  # main, a later thread; not the early one
 
 
 def test_allocator_keeps_freed_buffers_mapped():
