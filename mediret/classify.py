@@ -841,5 +841,5 @@ def embed_images(encoder, images: Sequence[str | Path], batch_size: int = 32) ->
             raise ClassifyError(f"cannot read image {image}: {exc}") from exc
     if not pixels:
         raise ClassifyError("no images to label")
-    return np.concatenate([encoder.embed_pixels(pixels[i:i + batch_size])
-                           for i in range(0, len(pixels), batch_size)])
+    batches = (pixels[i:i + batch_size] for i in range(0, len(pixels), batch_size))
+    return np.concatenate([vectors for _, vectors in encoder.embed_stream(batches)])

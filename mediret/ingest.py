@@ -288,15 +288,16 @@ def ingest(scan: DatasetScan, store_path: str | Path, encoder, *, batch_size: in
         known = store.hashes()
         stream = prepared_stream(todo, encoder.preprocess, workers, dict(known),
                                  prefetch=max(2 * batch_size, 4 * workers * DECODE_CHUNK))
+        planned = _planned_batches(_batches(stream, batch_size), set(known))
         since_commit, last_commit_end, last_commit_seconds = 0, time.perf_counter(), 0.0
         bar = tqdm(total=len(todo), unit="img", desc=f"ingest {scan.name}", disable=not progress,
                    dynamic_ncols=True, smoothing=0.1)
         try:
-            for batch in _batches(stream, batch_size):
-                added = _store_batch(store, encoder, batch, known, scan.name, run, report)
+            for plan, vectors in encoder.embed_stream(planned, lambda plan: [i.pixels for i in plan.fresh]):
+                added = _store_batch(store, plan, vectors, known, scan.name, run, report)
                 report.added += added
                 since_commit += added
-                bar.update(len(batch))
+                bar.update(plan.size)
                 if since_commit >= commit_every and commit_due(time.perf_counter() - last_commit_end,
                                                                last_commit_seconds):
                     commit_started = time.perf_counter()
@@ -320,21 +321,42 @@ def ingest(scan: DatasetScan, store_path: str | Path, encoder, *, batch_size: in
     return report
 
 
-def _store_batch(store: Store, encoder, batch: list[_Prepared], known: dict[str, tuple[int, str]],
+@dataclass
+class _Plan:
+    """One batch of prepared items, sorted before its forward pass."""
+
+    size: int
+    fresh: list[_Prepared]  # to embed
+    copies: list[_Prepared]  # same bytes as an image stored or embedded before: vector copied
+    problems: list[Problem]
+
+
+def _planned_batches(batches: Iterator[list[_Prepared]], hashes: set[str]) -> Iterator[_Plan]:
+    """Sort each batch's items into fresh images, copies and problems.
+
+    ``hashes`` holds the content hashes already stored; it gains each fresh
+    image's as it is planned, so a copy of an image in a batch still in the
+    encoder is a copy too: batches are stored in order, its original first.
+    """
+    for batch in batches:
+        plan = _Plan(len(batch), [], [], [])
+        for item in batch:
+            if item.problem is not None:
+                plan.problems.append(item.problem)
+            elif item.content_hash in hashes:
+                plan.copies.append(item)
+            else:
+                hashes.add(item.content_hash)
+                plan.fresh.append(item)
+        yield plan
+
+
+def _store_batch(store: Store, plan: _Plan, vectors: np.ndarray, known: dict[str, tuple[int, str]],
                  dataset: str, run: int, report: IngestReport) -> int:
-    """Embed the decodable images of a batch and add them; copy vectors for duplicates."""
-    fresh, copies = [], []
-    batch_hashes: set[str] = set()
-    for item in batch:
-        if item.problem is not None:
-            report.problems.append(item.problem)
-        elif item.content_hash in known or item.content_hash in batch_hashes:
-            copies.append(item)
-        else:
-            batch_hashes.add(item.content_hash)
-            fresh.append(item)
+    """Add a batch's fresh images with their ``vectors``, and its copies with their originals' vectors."""
+    fresh, copies = plan.fresh, plan.copies
+    report.problems += plan.problems
     if fresh:
-        vectors = encoder.embed_pixels([item.pixels for item in fresh])
         ids = store.add([i.record for i in fresh], vectors, [i.content_hash for i in fresh],
                         [i.size for i in fresh], dataset=dataset, ingest_run=run)
         known.update((item.content_hash, (int(i), item.record.image_id))

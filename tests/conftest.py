@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import random
 import shutil
+from collections import deque
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -88,15 +89,27 @@ class ThumbnailEncoder:
         self.dim = dim
         self.weights_source = "none (test encoder)"
         self.preprocess = ThumbnailPreprocess()
-        self.batches = 0
+        self.images = 0  # embedded so far
+        self.lookahead = 2  # Encoder.embed_stream's default on 2 cores: 2 forward streams
 
     def embed_pixels(self, pixels) -> np.ndarray:
         import torch
 
+        if len(pixels) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
         return self.embed_batch(torch.from_numpy(np.asarray(pixels, dtype=np.float32)).permute(0, 3, 1, 2) / 255)
 
+    def embed_stream(self, items, batch=None):
+        """As ``Encoder.embed_stream``: ``lookahead`` batches taken (and embedded) before one is handed back."""
+        pending = deque()
+        for item in items:
+            pending.append((item, self.embed_pixels(batch(item) if batch else item)))
+            if len(pending) > self.lookahead:
+                yield pending.popleft()
+        yield from pending
+
     def embed_batch(self, batch) -> np.ndarray:
-        self.batches += 1
+        self.images += len(batch)
         x = batch.reshape(len(batch), -1).numpy().astype(np.float32)[:, : self.dim]
         x = x - x.mean(axis=1, keepdims=True)
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)

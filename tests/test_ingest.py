@@ -55,15 +55,28 @@ def test_real_encoder_store_matches_label_file_and_encoder(ham_store, ham_subset
     np.testing.assert_allclose(np.linalg.norm(reread, axis=1), 1.0, atol=1e-5)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_vectors_equal_the_encoders_own_batches_bit_for_bit(tmp_path, workers):
+@pytest.mark.parametrize("workers, torch_threads", [(0, 1), (2, 1), (2, 2)])
+def test_vectors_equal_the_encoders_own_batches_bit_for_bit(tmp_path, workers, torch_threads):
     """Ingest decodes in chunks of 8 (in threads, or inline) and resizes each chunk's images together:
-    the same vectors, bit for bit, as the encoder's ``embed_pixels`` over the same batches of
+    the same vectors, bit for bit, as the encoder's ``embed_stream`` over the same batches of
     each image's own ``pixels``. In fp32: with ``auto`` precision, an encoder on a CPU with native
-    bf16 may switch to bf16 after its first batch, so ingest's batches and these would differ."""
+    bf16 may switch to bf16 after its first batch, so ingest's batches and these would differ.
+    With two torch threads, batches run in the encoder's two forward threads, one torch thread each."""
+    import torch
+
     from mediret.encoders import load_encoder
 
     efficientnet_lite0 = load_encoder("efficientnet-lite0", precision="fp32")
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(torch_threads)
+    try:
+        _ingest_and_compare(tmp_path, efficientnet_lite0, workers)
+    finally:
+        torch.set_num_threads(threads_before)
+    assert bool(efficientnet_lite0._streams) == (torch_threads == 2)
+
+
+def _ingest_and_compare(tmp_path, efficientnet_lite0, workers):
     root = tmp_path / "ham"
     make_ham_subset(root, n_lesions=14, seed=3)
     report = ingest(read_dataset(root), tmp_path / "store", efficientnet_lite0, batch_size=16,
@@ -73,13 +86,14 @@ def test_vectors_equal_the_encoders_own_batches_bit_for_bit(tmp_path, workers):
         ids = store.ids()
         stored = store.vectors(ids)
         sources = [r.source for r in store.records(ids)]
-    expected = []
+    batches = []
     for start in range(0, len(sources), 16):
         pixels = []
         for source in sources[start:start + 16]:
             with Image.open(source) as image:
                 pixels.append(efficientnet_lite0.preprocess.pixels(image))
-        expected.append(efficientnet_lite0.embed_pixels(pixels))
+        batches.append(pixels)
+    expected = [vectors for _, vectors in efficientnet_lite0.embed_stream(batches)]
     np.testing.assert_array_equal(stored, np.concatenate(expected))
 
 
@@ -257,7 +271,10 @@ def test_an_image_its_chunk_cannot_resize_is_reported_and_the_chunk_kept(tmp_pat
         np.testing.assert_allclose(store.vectors([r.id for r in stored]), np.array(expected), atol=1e-6)
 
 
-def test_identical_bytes_are_stored_once_embedded(tmp_path):
+@pytest.mark.parametrize("batch_size", [32, 2])
+def test_identical_bytes_are_stored_once_embedded(tmp_path, batch_size):
+    """Once within a batch; and with batches of 2 embedded all ahead of storing (the encoder's
+    stream runs ahead), so the copy is sorted while its original is still in the encoder."""
     root = tmp_path / "ham"
     rows = make_ham_subset(root, n_lesions=10, seed=5)
     first = next((root / "HAM10000_images_part_1").glob("*.jpg"), None) or next(
@@ -266,8 +283,10 @@ def test_identical_bytes_are_stored_once_embedded(tmp_path):
     with open(root / "HAM10000_metadata.csv", "a") as fh:
         fh.write(f"HAM_9999998,ISIC_9999998,{rows[0]['dx']},histo,50.0,male,back\n")
     encoder = ThumbnailEncoder()
-    report = ingest(read_dataset(root), tmp_path / "store", encoder, progress=False)
+    encoder.lookahead = len(rows) + 1
+    report = ingest(read_dataset(root), tmp_path / "store", encoder, batch_size=batch_size, progress=False)
     assert report.duplicates == 1 and report.added == len(rows) + 1
+    assert encoder.images == len(rows)  # the copy never went through the encoder
     with Store.open(tmp_path / "store") as store:
         a, b = store.vectors([store.id_of(first.stem), store.id_of("ISIC_9999998")])
         np.testing.assert_array_equal(a, b)
