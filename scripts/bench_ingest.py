@@ -159,6 +159,15 @@ def decoded_ahead(items):
 
 
 def run_bare(batch, encoder, batch_size: int) -> float:
+    """The encoder's own way with a stream of batches (``embed_stream``: ``forward_streams`` at once), as ingest."""
+    started = time.perf_counter()
+    for _ in encoder.embed_stream(batch[i:i + batch_size] for i in range(0, len(batch), batch_size)):
+        pass
+    return time.perf_counter() - started
+
+
+def run_one_stream(batch, encoder, batch_size: int) -> float:
+    """One batch at a time on all of torch's threads (``embed_batch``): mediret's forward before 2026-12-03."""
     started = time.perf_counter()
     for i in range(0, len(batch), batch_size):
         encoder.embed_batch(batch[i:i + batch_size])
@@ -217,16 +226,20 @@ def speed(args) -> tuple[list[dict], list[dict], dict]:
                                           else torch.contiguous_format)
     del batches
     print(f"  decode + preprocess alone (1 decoding thread, no forward): {decode_seconds:.2f} s", flush=True)
-    encoder.embed_batch(batch[: args.batch_size])  # warm-up
+    encoder.embed_batch(batch[: args.batch_size])  # warm-up: the bf16 check, if any
+    run_bare(batch[: 4 * args.batch_size], encoder, args.batch_size)  # and the forward threads
     # The baselines run twice, before and after the mediret passes, and the faster pass counts.
     naive_records = records[: args.naive_images] if args.naive_images else records
     first_naive = naive_in_child(len(records), len(naive_records), args)
-    times: dict[str, list[float]] = {"bare": [], "ingest": [], "free decoding": []}
+    times: dict[str, list[float]] = {"bare": [], "ingest": [], "free decoding": [], "one stream": []}
     prepare_decoded = decoded_ahead(decoded) if args.decoded_bound else None
     detail = {}
     for _ in range(args.repeat):
+        times["one stream"].append(run_one_stream(batch, encoder, args.batch_size))
+        print(f"  bare forward, one batch at a time on {torch.get_num_threads()} threads: "
+              f"{times['one stream'][-1]:.2f} s", flush=True)
         times["bare"].append(run_bare(batch, encoder, args.batch_size))
-        print(f"  bare forward: {times['bare'][-1]:.2f} s", flush=True)
+        print(f"  bare forward ({encoder.forward_streams} streams): {times['bare'][-1]:.2f} s", flush=True)
         seconds, detail = run_ingest(scan, encoder, args)
         times["ingest"].append(seconds)
         print(f"  mediret ingest: {seconds:.2f} s", flush=True)
@@ -251,13 +264,18 @@ def speed(args) -> tuple[list[dict], list[dict], dict]:
         {"contender": "mediret ingest (optimized encoder, batch %d, %d workers)" % (args.batch_size,
                                                                                   args.workers),
          "images": n, "seconds": _bench.best(times["ingest"]), "img/s": ingest_ips, "ingest / this": 1.0},
-        {"contender": "bare forward (optimized, preprocessed tensors in memory, batch %d)" % args.batch_size,
+        {"contender": "bare forward (optimized, preprocessed tensors in memory, batch %d, %d streams)"
+                      % (args.batch_size, encoder.forward_streams),
          "images": n, "seconds": _bench.best(times["bare"]), "img/s": bare_ips, "ingest / this": ingest_ips / bare_ips},
         {"contender": "naive loop (eager model, one image at a time, INSERT per image)",
          "images": len(naive_records), "seconds": naive_seconds, "img/s": naive_ips,
          "ingest / this": ingest_ips / naive_ips},
         {"contender": "(for reference) eager model, batch 1, preprocessed tensors in memory",
          "images": n, "seconds": eager_one, "img/s": n / eager_one, "ingest / this": ingest_ips * eager_one / n},
+        {"contender": "(for reference) bare forward, one batch at a time on %d threads (embed_batch)"
+                      % torch.get_num_threads(),
+         "images": n, "seconds": _bench.best(times["one stream"]), "img/s": n / _bench.best(times["one stream"]),
+         "ingest / this": ingest_ips * _bench.best(times["one stream"]) / n},
         {"contender": "(for reference) decode + preprocess only, 1 decoding thread, no forward",
          "images": n, "seconds": decode_seconds, "img/s": n / decode_seconds, "ingest / this": None},
     ]
@@ -276,6 +294,7 @@ def speed(args) -> tuple[list[dict], list[dict], dict]:
         print(f"  ingest with decoding free vs bare forward: {_bench.median(paired_free):.3f}x (median of "
               f"{len(paired_free)} rounds), real ingest {_bench.median(paired):.3f}x in the same rounds", flush=True)
     raw = {"ingest_s": times["ingest"], "bare_s": times["bare"], "bare / ingest per round": paired,
+           "one_stream_s": times["one stream"], "forward_streams": encoder.forward_streams,
            "free_decoding_s": times["free decoding"], "bare / free decoding per round": paired_free,
            "naive_s": naive_seconds,
            "decode_preprocess_s": decode_seconds, "eager_batch1_s": eager_one, "ingest_report": detail,
@@ -286,12 +305,17 @@ def speed(args) -> tuple[list[dict], list[dict], dict]:
 def breakdown(scan, encoder, batch, args) -> list[dict]:
     """One more ingest, its main thread's time split by component, between two bare-forward passes.
 
-    The forward inside ingest against the bare forward shows what the decoding
-    threads cost it; the rest of the ingest's wall time is the main thread's own
-    serial work (normalising each batch, store writes, opening the
-    store, split assignment) and any waiting for decoding. Wrappers around the
-    encoder's methods and the store's, for this pass only.
+    The main thread's rows add up to the ingest's wall time: waiting for the
+    forward passes (``embed_stream``), waiting for decoded images, and its own
+    serial work (store writes, opening the store, split assignment, the rest).
+    The forward passes and their normalisation run in the encoder's forward
+    threads: their rows are thread-seconds, summed over those threads, and the
+    forward's is compared with the bare forward's own thread-seconds (timed the
+    same way in the pass before the ingest): what the decoding threads cost the
+    forward passes. Wrappers around the encoder's methods and the store's, for
+    these passes only.
     """
+    import threading
     from collections import Counter
     from contextlib import ExitStack
 
@@ -299,6 +323,7 @@ def breakdown(scan, encoder, batch, args) -> list[dict]:
     from mediret.store import Store
 
     spent: Counter = Counter()
+    lock = threading.Lock()  # the forward threads add up their time concurrently
 
     def timed(name, function):
         def wrapper(*args, **kwargs):
@@ -306,40 +331,58 @@ def breakdown(scan, encoder, batch, args) -> list[dict]:
             try:
                 return function(*args, **kwargs)
             finally:
-                spent[name] += time.perf_counter() - started
+                with lock:
+                    spent[name] += time.perf_counter() - started
         return wrapper
 
-    def timed_batches(items, size, batches=ingest_module._batches):
-        batches = batches(items, size)
-        while True:
-            started = time.perf_counter()
-            try:
-                chunk = next(batches)
-            except StopIteration:
-                return
-            finally:
-                spent["waiting for decoded images"] += time.perf_counter() - started
-            yield chunk
+    def timed_generator(name, function):
+        def wrapper(*args, **kwargs):
+            items = function(*args, **kwargs)
+            while True:
+                started = time.perf_counter()
+                try:
+                    item = next(items)
+                except StopIteration:
+                    return
+                finally:
+                    spent[name] += time.perf_counter() - started
+                yield item
+        return wrapper
 
-    bare_before = run_bare(batch, encoder, args.batch_size)
+    forward_patches = ((encoder, "embed_batch", "forward"), (encoder, "embed_pixels", "embed_pixels"))
+    with ExitStack() as patches:
+        for owner, name, label in forward_patches:
+            patches.enter_context(mock.patch.object(owner, name, timed(label, getattr(owner, name))))
+        bare_before = run_bare(batch, encoder, args.batch_size)
+    bare_thread_seconds = spent.pop("forward")
+    spent.clear()
     with ExitStack() as patches:  # every wrapper is removed again on leaving
-        for owner, name, label in ((encoder, "embed_batch", "forward"), (encoder, "embed_pixels", "embed_pixels"),
-                                   (ingest_module, "open_store_for", "opening the store"),
+        for owner, name, label in (*forward_patches, (ingest_module, "open_store_for", "opening the store"),
                                    (ingest_module, "assign_splits", "split assignment"),
                                    (Store, "add", "store writes (add)"), (Store, "commit", "commits")):
             patches.enter_context(mock.patch.object(owner, name, timed(label, getattr(owner, name))))
-        patches.enter_context(mock.patch.object(ingest_module, "_batches", timed_batches))
+        patches.enter_context(mock.patch.object(
+            encoder, "embed_stream", timed_generator("waiting for the forward passes", encoder.embed_stream)))
+        patches.enter_context(mock.patch.object(
+            ingest_module, "_batches", timed_generator("waiting for decoded images", ingest_module._batches)))
         seconds, _ = run_ingest(scan, encoder, args)
     bare_after = run_bare(batch, encoder, args.batch_size)
     bare = min(bare_before, bare_after)
-    spent["normalising batches"] = spent.pop("embed_pixels") - spent["forward"]
+    forward = spent.pop("forward")
+    threads = {"forward passes (thread-seconds in the forward threads)": forward,
+               "normalising batches (thread-seconds in the forward threads)": spent.pop("embed_pixels") - forward}
+    spent["waiting for the forward passes"] -= spent["waiting for decoded images"]  # decoding is pulled inside it
     spent["other (main thread)"] = seconds - sum(spent.values())
     rows = [{"part of the ingest": "whole ingest", "seconds": seconds, "share": 1.0, "x bare forward": seconds / bare},
             {"part of the ingest": "bare forward, same images (faster of the passes before and after)",
              "seconds": bare, "share": None, "x bare forward": 1.0}]
-    rows += [{"part of the ingest": name, "seconds": value, "share": value / seconds,
-              "x bare forward": value / bare if name == "forward" else None}
+    rows += [{"part of the ingest": name, "seconds": value, "share": value / seconds, "x bare forward": None}
              for name, value in spent.most_common()]
+    rows += [{"part of the ingest": "bare forward's own forward passes (thread-seconds)",
+              "seconds": bare_thread_seconds, "share": None, "x bare forward": 1.0}]
+    rows += [{"part of the ingest": name, "seconds": value, "share": None,
+              "x bare forward": value / bare_thread_seconds if name.startswith("forward") else None}
+             for name, value in threads.items()]
     print(f"\none more ingest by component (bare forward {bare_before:.2f} s before it, {bare_after:.2f} s after):\n")
     print(_bench.table(rows))
     print(flush=True)
