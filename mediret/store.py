@@ -15,8 +15,11 @@ always holds exactly the vectors of its committed rows.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import threading
+import weakref
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +38,62 @@ SCHEMA_VERSION = 1
 # (tens of thousands of faults after each commit of an ingest; BENCHMARKS.md part 2).
 # The store's queries are small, so DuckDB runs them on the calling thread alone.
 DB_CONFIG = {"threads": 1}
+# DuckDB calls malloc_trim each time it starts a database instance (as it launches its
+# threads) and closes one: a store opened or closed in a process whose encoder has run
+# costs its next forward pass the same page faults (200,000 for EfficientNet-Lite0's two
+# forward streams, about 0.2 s). So the process keeps one in-memory instance, started
+# with the first store, and each open store's file is attached to it (_connect).
+_instance: Any = None
+_attached: dict[str, "_Attachment"] = {}
+_attach_lock = threading.Lock()
+_aliases = itertools.count()
+
+
+@dataclass
+class _Attachment:
+    alias: str
+    read_only: bool
+    users: int = 0
+
+
+def _connect(db_file: Path, read_only: bool):
+    """A DuckDB connection whose default database is ``db_file``, and the key to release it with.
+
+    A cursor of the process's one instance (see ``_instance``), the file attached
+    to it under an alias; stores of the same file share the attachment, in the
+    same mode (as DuckDB's own connections to one file must).
+    """
+    import duckdb
+
+    global _instance
+    key = os.path.realpath(db_file)
+    with _attach_lock:
+        if _instance is None:
+            _instance = duckdb.connect(":memory:", config=DB_CONFIG)
+        attachment = _attached.get(key)
+        if attachment is None:
+            alias = f"store_{next(_aliases)}"
+            quoted = "'" + key.replace("'", "''") + "'"
+            _instance.execute(f"ATTACH {quoted} AS {alias}" + (" (READ_ONLY)" if read_only else ""))
+            attachment = _attached[key] = _Attachment(alias, read_only)
+        elif attachment.read_only != read_only:
+            mode = "read-only" if attachment.read_only else "for writing"
+            raise StoreError(f"{db_file.parent} is open {mode} in this process already; close it first")
+        attachment.users += 1
+        con = _instance.cursor()
+    con.execute(f"USE {attachment.alias}")
+    return con, key
+
+
+def _disconnect(con, key: str) -> None:
+    """Close a ``_connect`` connection; the last one of a file detaches it (DuckDB checkpoints it then)."""
+    con.close()
+    with _attach_lock:
+        attachment = _attached[key]
+        attachment.users -= 1
+        if attachment.users == 0:
+            del _attached[key]
+            _instance.execute(f"DETACH {attachment.alias}")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS store_info (key TEXT PRIMARY KEY, value TEXT);
@@ -113,15 +172,16 @@ class Store:
             X = store.vectors(ids)
     """
 
-    def __init__(self, path: Path, con, encoder: EncoderInfo, index, read_only: bool):
+    def __init__(self, path: Path, connection: tuple[Any, str], encoder: EncoderInfo, index, read_only: bool):
         self.path = path
-        self._con = con
+        self._con = connection[0]
         self.encoder = encoder
         self.index = index
         self.read_only = read_only
         self._pending_rows: list[tuple] = []
         self._pending_labels: list[tuple[int, str]] = []
         self._next_id = self._scalar("SELECT coalesce(max(id), -1) + 1 FROM images")
+        self._disconnect = weakref.finalize(self, _disconnect, *connection)  # at close, or when collected
 
     # ---- opening -----------------------------------------------------------------
 
@@ -139,19 +199,27 @@ class Store:
         if cls.exists(path):
             raise StoreError(f"{path} already holds a store; open it instead")
         path.mkdir(parents=True, exist_ok=True)
-        con = duckdb.connect(str(path / DB_FILE), config=DB_CONFIG)
-        con.execute(_SCHEMA)
-        index_file = f"{encoder.name}.faiss"
-        index = faiss.IndexIDMap2(faiss.IndexFlatIP(encoder.dim))
-        _write_index_atomic(index, path / index_file)
-        con.execute("BEGIN")
-        con.execute("INSERT INTO store_info VALUES ('schema_version', ?), ('created_at', ?)",
-                    [str(SCHEMA_VERSION), _now().isoformat()])
-        con.execute("INSERT INTO encoders VALUES (?, ?, ?, ?, 'inner_product', ?, ?)",
-                    [encoder.name, encoder.dim, encoder.preprocess, encoder.weights_source,
-                     index_file, _now()])
-        con.execute("COMMIT")
-        return cls(path, con, encoder, index, read_only=False)
+        try:
+            connection = _connect(path / DB_FILE, read_only=False)
+        except duckdb.Error as exc:
+            raise StoreError(f"cannot create {path / DB_FILE}: {exc}") from exc
+        try:
+            con = connection[0]
+            con.execute(_SCHEMA)
+            index_file = f"{encoder.name}.faiss"
+            index = faiss.IndexIDMap2(faiss.IndexFlatIP(encoder.dim))
+            _write_index_atomic(index, path / index_file)
+            con.execute("BEGIN")
+            con.execute("INSERT INTO store_info VALUES ('schema_version', ?), ('created_at', ?)",
+                        [str(SCHEMA_VERSION), _now().isoformat()])
+            con.execute("INSERT INTO encoders VALUES (?, ?, ?, ?, 'inner_product', ?, ?)",
+                        [encoder.name, encoder.dim, encoder.preprocess, encoder.weights_source,
+                         index_file, _now()])
+            con.execute("COMMIT")
+            return cls(path, connection, encoder, index, read_only=False)
+        except BaseException:
+            _disconnect(*connection)
+            raise
 
     @classmethod
     def open(cls, path: str | Path, read_only: bool = True) -> "Store":
@@ -165,20 +233,28 @@ class Store:
                 f"no store at {path} (looked for {path / DB_FILE}); "
                 "create one with `mediret ingest DATASET --store PATH`")
         try:
-            con = duckdb.connect(str(path / DB_FILE), read_only=read_only, config=DB_CONFIG)
-        except duckdb.IOException as exc:
+            connection = _connect(path / DB_FILE, read_only=read_only)
+        except duckdb.Error as exc:
             raise StoreError(f"cannot open {path / DB_FILE}: {exc}") from exc
-        row = con.execute(
-            "SELECT name, dim, preprocess, weights_source, index_file FROM encoders").fetchone()
-        if row is None:
-            raise StoreError(f"{path} has no encoder recorded; the store was never completed")
-        encoder = EncoderInfo(name=row[0], dim=row[1], preprocess=row[2], weights_source=row[3])
-        index_path = path / row[4]
-        if not index_path.is_file():
-            raise StoreError(f"{path} lacks its index file {index_path.name}")
-        index = faiss.read_index(str(index_path))
-        store = cls(path, con, encoder, index, read_only=read_only)
-        store._reconcile(index_path)
+        try:
+            row = connection[0].execute(
+                "SELECT name, dim, preprocess, weights_source, index_file FROM encoders").fetchone()
+            if row is None:
+                raise StoreError(f"{path} has no encoder recorded; the store was never completed")
+            encoder = EncoderInfo(name=row[0], dim=row[1], preprocess=row[2], weights_source=row[3])
+            index_path = path / row[4]
+            if not index_path.is_file():
+                raise StoreError(f"{path} lacks its index file {index_path.name}")
+            index = faiss.read_index(str(index_path))
+            store = cls(path, connection, encoder, index, read_only=read_only)
+        except BaseException:
+            _disconnect(*connection)
+            raise
+        try:
+            store._reconcile(index_path)
+        except BaseException:
+            store._disconnect()
+            raise
         return store
 
     def _reconcile(self, index_path: Path) -> None:
@@ -205,7 +281,7 @@ class Store:
     def close(self) -> None:
         if self._pending_rows and not self.read_only:
             self.commit()
-        self._con.close()
+        self._disconnect()
 
     def __enter__(self) -> "Store":
         return self
