@@ -262,6 +262,9 @@ def ingest(scan: DatasetScan, store_path: str | Path, encoder, *, batch_size: in
     interrupted ingest loses at most that much, or 19x one commit's time.
     ``limit`` ingests only the first N new records (for trials). ``workers``:
     decoding threads beside the forward pass (0: decode inline, between batches).
+    Batches go through ``encoder.embed_stream`` (two at a time on the CPU): each
+    is sorted into fresh images, copies and problems before its forward pass
+    and stored, in order, after it.
     """
     from tqdm import tqdm
 

@@ -45,7 +45,7 @@ DB_CONFIG = {"threads": 1}
 # with the first store, and each open store's file is attached to it (_connect).
 _instance: Any = None
 _attached: dict[str, "_Attachment"] = {}
-_attach_lock = threading.Lock()
+_attach_lock = threading.RLock()  # a store collected (finalized) inside _connect closes in the same thread
 _aliases = itertools.count()
 
 
