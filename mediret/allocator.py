@@ -21,8 +21,9 @@ at batch 32 is 154 MB) with ``mmap`` whatever the threshold: the encoders'
 forward threads (``Encoder.embed_stream``) would page-fault their activations
 in on every batch. Arenas made before the limit stay, and glibc hands them out
 in turn to new threads as well: ``load_encoder`` applies the setting before it
-builds a model (whose initialisation runs torch's threads), and
-``heap_keeps_large_buffers`` tells a thread whether it is spared the faults.
+builds a model (whose initialisation runs torch's threads), the store before
+it starts DuckDB (whose start makes an arena), and ``heap_keeps_large_buffers``
+tells a thread whether it is spared the faults.
 
 The setting is process-wide and applies only to glibc (Linux); elsewhere, or when
 the user set ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` /
@@ -50,36 +51,58 @@ PROBE_BYTES = 96 << 20
 TRIM_THRESHOLD_BYTES = 1 << 30
 
 _applied: bool | None = None
+_arenas_limited = False
 
 
 def keep_freed_memory() -> bool:
-    """Apply the thresholds once per process; True when they are in effect."""
+    """Apply the thresholds (and the arena limit) once per process; True when the thresholds are in effect."""
     global _applied
     if _applied is None:
         _applied = _apply()
     return _applied
 
 
-def _apply() -> bool:
+def limit_arenas() -> None:
+    """Limit glibc to one arena, once per process (see the module docstring), unless tuning is off
+    or the user set ``MALLOC_ARENA_MAX``. For code that starts threads of its own before an
+    encoder is loaded: the store calls it before it starts DuckDB."""
+    global _arenas_limited
+    if _arenas_limited:
+        return
+    _arenas_limited = True
+    mallopt = _mallopt()
+    if mallopt is not None and "MALLOC_ARENA_MAX" not in os.environ and not mallopt(M_ARENA_MAX, 1):
+        log.debug("mallopt refused M_ARENA_MAX; threads keep their own arenas")
+
+
+def _mallopt():
+    """glibc's ``mallopt`` through ctypes; None where mediret leaves the allocator alone."""
     if os.environ.get(DISABLE_ENV, "").strip().lower() in ("0", "false", "no", "off"):
-        return False
-    if any(name in os.environ for name in USER_ENVS):
-        return False  # the user tuned malloc themselves
+        return None
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
+        return None
     name = ctypes.util.find_library("c")
     if name is None:
-        return False
+        return None
     try:
         mallopt = ctypes.CDLL(name).mallopt
     except (OSError, AttributeError):
-        return False
+        return None
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return mallopt
+
+
+def _apply() -> bool:
+    mallopt = _mallopt()
+    if mallopt is None:
+        return False
+    if any(name in os.environ for name in USER_ENVS):
+        return False  # the user tuned malloc themselves
     applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
     if not applied:
         log.debug("mallopt refused the thresholds; the allocator keeps glibc's defaults")
-    elif "MALLOC_ARENA_MAX" not in os.environ and not mallopt(M_ARENA_MAX, 1):  # unless the user set it
-        log.debug("mallopt refused M_ARENA_MAX; threads keep their own arenas")
+    else:
+        limit_arenas()
     return applied
 
 

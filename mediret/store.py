@@ -27,6 +27,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from .allocator import limit_arenas
 from .errors import StoreError
 from .records import ImageRecord, Problem
 
@@ -69,6 +70,7 @@ def _connect(db_file: Path, read_only: bool):
     key = os.path.realpath(db_file)
     with _attach_lock:
         if _instance is None:
+            limit_arenas()  # DuckDB's start makes an arena glibc would later hand to an encoder's thread
             _instance = duckdb.connect(":memory:", config=DB_CONFIG)
         attachment = _attached.get(key)
         if attachment is None:

@@ -607,6 +607,26 @@ def test_allocator_lets_new_threads_keep_large_buffers():
     assert out["on"][1:] == ["True", "True", "False"]  # main, a later thread; not the early one
 
 
+def test_a_store_opened_before_the_encoder_leaves_it_two_streams(tmp_path):
+    """In a fresh process (two torch threads), a store opened first (DuckDB's start makes a thread's
+    arena) and then an encoder: its forward threads still get the main heap and run."""
+    script = (
+        "import sys, numpy as np, torch\n"
+        "from mediret.store import EncoderInfo, Store\n"
+        "Store.create(sys.argv[1], EncoderInfo('e', 4, 'imagenet', 'random')).close()\n"
+        "from mediret.encoders import load_encoder\n"
+        "encoder = load_encoder('efficientnet-lite0', precision='fp32')\n"
+        "list(encoder.embed_stream([np.zeros((2, 224, 224, 3), np.uint8)] * 3))\n"
+        "print(torch.get_num_threads(), bool(encoder._streams))\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("MALLOC_", "OMP_"))}
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "s")], capture_output=True, text=True,
+                         check=True, env=env).stdout.split()
+    if int(out[0]) < 2:
+        pytest.skip("one torch thread here: no second stream to run")
+    assert out[1] == "True"
+
+
 def test_allocator_keeps_freed_buffers_mapped():
     """With mediret's malloc thresholds, re-allocating a 64 MiB buffer stops page-faulting it in again."""
     script = (
