@@ -50,8 +50,10 @@ OFFLINE_ENVS = ("MEDIRET_OFFLINE", "HF_HUB_OFFLINE")
 PRECISIONS = ("auto", "fp32")
 BF16_MIN_COSINE = 0.9995  # the bf16 model must match fp32 this closely on the first batch to be kept
 PROBE_TIMEOUT_S = 3.0
-# Batches an optimized CPU encoder runs side by side in embed_stream, each on its share of torch's threads.
+# Batches an optimized CPU encoder runs side by side in embed_stream, each on its share of torch's threads;
+# $MEDIRET_FORWARD_STREAMS overrides it (1: one batch at a time, holding one batch's activations).
 FORWARD_STREAMS = 2
+FORWARD_STREAMS_ENV = "MEDIRET_FORWARD_STREAMS"
 DOWNLOAD_SOCKET_TIMEOUT_S = 60.0
 
 
@@ -147,8 +149,9 @@ class Encoder:
     EfficientNet-Lite0's real weights fail the check (0.9955) and stay fp32.
 
     forward_streams: how many batches ``embed_stream`` runs at once, each in its
-        own thread with an equal share of torch's threads (``FORWARD_STREAMS`` for
-        optimized CPU encoders, 1 otherwise; set it to 1 for one batch at a time).
+        own thread with an equal share of torch's threads (``FORWARD_STREAMS``, or
+        ``$MEDIRET_FORWARD_STREAMS``, for optimized CPU encoders, 1 otherwise; set it
+        to 1 for one batch at a time).
     """
 
     def __init__(
@@ -356,9 +359,20 @@ def load_encoder(
         from mediret.fastpath import to_bfloat16
 
         bf16_model = to_bfloat16(model, spec.input_size)
-    streams = FORWARD_STREAMS if optimize and torch_device.type == "cpu" else 1
+    streams = _forward_streams() if optimize and torch_device.type == "cpu" else 1
     return Encoder(spec, model, get_preset(preset, spec.input_size), source, str(torch_device), optimize,
                    channels_last, bf16_model, forward_streams=streams)
+
+
+def _forward_streams() -> int:
+    """``FORWARD_STREAMS``, or a positive whole number from ``$MEDIRET_FORWARD_STREAMS``."""
+    value = os.environ.get(FORWARD_STREAMS_ENV, "").strip()
+    if not value:
+        return FORWARD_STREAMS
+    if not value.isdigit() or int(value) < 1:
+        raise EncoderError(f"{FORWARD_STREAMS_ENV}={value!r}: expected a whole number of batches at once, "
+                           f"1 or more (1: one batch at a time)")
+    return int(value)
 
 
 def _start_forward_threads(streams: int, threads: int) -> ThreadPoolExecutor | None:

@@ -418,6 +418,20 @@ def test_embed_stream_takes_tensors_and_runs_inline_on_one_thread():
     np.testing.assert_array_equal(np.concatenate(again), np.concatenate(got))  # one thread each, as inline
 
 
+def test_forward_streams_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("MEDIRET_FORWARD_STREAMS", "1")
+    assert load_encoder("squeezenet1_1", weights="random").forward_streams == 1
+    assert load_encoder("squeezenet1_1", weights="random", optimize=False).forward_streams == 1
+    monkeypatch.setenv("MEDIRET_FORWARD_STREAMS", "3")
+    assert load_encoder("squeezenet1_1", weights="random").forward_streams == 3
+    monkeypatch.delenv("MEDIRET_FORWARD_STREAMS")
+    assert load_encoder("squeezenet1_1", weights="random").forward_streams == encoders.FORWARD_STREAMS == 2
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("MEDIRET_FORWARD_STREAMS", bad)
+        with pytest.raises(EncoderError, match="MEDIRET_FORWARD_STREAMS"):
+            load_encoder("squeezenet1_1", weights="random")
+
+
 def test_embed_stream_runs_the_bf16_check_alone_first(two_torch_threads):
     """The bf16 check replaces the model: the first batch runs in the caller's thread, the rest in
     the forward threads on the adopted model. (A stand-in bf16 copy, so on any CPU.)"""
