@@ -75,8 +75,8 @@ def limit_arenas() -> None:
         log.debug("mallopt refused M_ARENA_MAX; threads keep their own arenas")
 
 
-def _mallopt():
-    """glibc's ``mallopt`` through ctypes; None where mediret leaves the allocator alone."""
+def _libc() -> ctypes.CDLL | None:
+    """glibc through ctypes; None where mediret leaves the allocator alone (tuning off, not glibc)."""
     if os.environ.get(DISABLE_ENV, "").strip().lower() in ("0", "false", "no", "off"):
         return None
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
@@ -85,10 +85,17 @@ def _mallopt():
     if name is None:
         return None
     try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):
+        return ctypes.CDLL(name)
+    except OSError:
         return None
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+
+
+def _mallopt():
+    """glibc's ``mallopt``; None where mediret leaves the allocator alone."""
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is not None:
+        mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return mallopt
 
 
@@ -123,9 +130,9 @@ def heap_keeps_large_buffers() -> bool:
     if not _applied:  # keep_freed_memory not called, or not in effect
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc = _libc()
         mallinfo2, malloc, free = libc.mallinfo2, libc.malloc, libc.free
-    except (OSError, AttributeError, TypeError):
+    except AttributeError:  # no libc (tuning turned off since), or no mallinfo2
         return False
     mallinfo2.restype = _MallInfo2
     malloc.argtypes, malloc.restype = (ctypes.c_size_t,), ctypes.c_void_p
