@@ -81,9 +81,9 @@ def _connect(db_file: Path, read_only: bool):
         elif attachment.read_only != read_only:
             mode = "read-only" if attachment.read_only else "for writing"
             raise StoreError(f"{db_file.parent} is open {mode} in this process already; close it first")
-        attachment.users += 1
         con = _instance.cursor()
-    con.execute(f"USE {attachment.alias}")
+        con.execute(f"USE {attachment.alias}")
+        attachment.users += 1  # counted once the connection exists: _disconnect releases exactly these
     return con, key
 
 
