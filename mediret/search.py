@@ -295,8 +295,7 @@ class SearchIndex:
         force: best of five runs each, a stored vector as the query, over the first
         ``SCAN_PROBE_BYTES`` of the vectors (beyond the CPU's caches, yet at most about
         50 ms in all: at 1M x 512 both scans streamed as fast over 256 MB as over the whole
-        2 GB, ad hoc). Which
-        wins depends on the CPU: BLAS sgemv reached 0.93-1.04 of the memory-bandwidth bound
+        2 GB, ad hoc). Which wins depends on the CPU: BLAS sgemv reached 0.93-1.04 of the memory-bandwidth bound
         where FAISS's one-query scan reached 0.41-0.65 (2026-11-25), while on another
         AVX-512 host FAISS's scan streamed 27.5 GB/s on one thread and OpenBLAS's sgemv
         12 GB/s a thread (2026-12-03; BENCHMARKS.md part 3).
