@@ -66,7 +66,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -256,8 +256,6 @@ class SearchIndex:
 
         kind: rank with another kind than the index's own ('exact' is always possible).
         """
-        import faiss
-
         kind = kind or self.kind
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         selection = selection or Selection()
@@ -266,11 +264,16 @@ class SearchIndex:
         if view is not None and not (len(queries) == 1 and selection.allowed is None
                                      and self._single_scan(view) == "faiss"):
             return self._search_blas(queries, k, selection, *view)
-        if few and faiss.omp_get_max_threads() > 1:
-            # FAISS splits a search over queries; with a few of them, extra OpenMP threads only
-            # add start-up and spinning (IVF-PQ at 1M: 418 q/s on 1 thread, 122 on 2)
-            with _faiss_threads(1):
-                return self.search(queries, k, selection, kind)
+        # FAISS splits a search over queries; with a few of them, extra OpenMP threads only
+        # add start-up and spinning (IVF-PQ at 1M: 418 q/s on 1 thread, 122 on 2)
+        with _faiss_threads(1) if few else nullcontext():
+            return self._search_faiss(queries, k, selection, kind)
+
+    def _search_faiss(self, queries: np.ndarray, k: int, selection: Selection,
+                      kind: str) -> tuple[np.ndarray, np.ndarray]:
+        """``search`` by FAISS's own search of the index of ``kind``."""
+        import faiss
+
         sel, keep_alive = selection.faiss_selector()
         if kind == "exact":
             params = faiss.SearchParameters(sel=sel) if sel is not None else None
