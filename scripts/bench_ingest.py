@@ -312,8 +312,11 @@ def breakdown(scan, encoder, batch, args) -> list[dict]:
     threads: their rows are thread-seconds, summed over those threads, and the
     forward's is compared with the bare forward's own thread-seconds (timed the
     same way in the pass before the ingest): what the decoding threads cost the
-    forward passes. Wrappers around the encoder's methods and the store's, for
-    these passes only.
+    forward passes. Decoding (``_prepare_chunk``) runs in the decoding threads,
+    timed the same way. "CPU s" is the CPU time the thread spent in each part
+    (``time.thread_time``), and for the whole passes the process's: wall time in
+    a thread counts time it waited for a core, CPU time does not. Wrappers around
+    the encoder's methods and the store's, for these passes only.
     """
     import threading
     from collections import Counter
@@ -323,17 +326,23 @@ def breakdown(scan, encoder, batch, args) -> list[dict]:
     from mediret.store import Store
 
     spent: Counter = Counter()
+    cpu: Counter = Counter()
     lock = threading.Lock()  # the forward threads add up their time concurrently
 
     def timed(name, function):
         def wrapper(*args, **kwargs):
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.thread_time()
             try:
                 return function(*args, **kwargs)
             finally:
                 with lock:
                     spent[name] += time.perf_counter() - started
+                    cpu[name] += time.thread_time() - started_cpu
         return wrapper
+
+    def process_cpu() -> float:
+        times = os.times()
+        return times.user + times.system
 
     def timed_generator(name, function):
         def wrapper(*args, **kwargs):
@@ -353,36 +362,46 @@ def breakdown(scan, encoder, batch, args) -> list[dict]:
     with ExitStack() as patches:
         for owner, name, label in forward_patches:
             patches.enter_context(mock.patch.object(owner, name, timed(label, getattr(owner, name))))
+        cpu_started = process_cpu()
         bare_before = run_bare(batch, encoder, args.batch_size)
-    bare_thread_seconds = spent.pop("forward")
+        bare_cpu = process_cpu() - cpu_started
+    bare_thread_seconds, bare_thread_cpu = spent.pop("forward"), cpu.pop("forward")
     spent.clear()
+    cpu.clear()
     with ExitStack() as patches:  # every wrapper is removed again on leaving
         for owner, name, label in (*forward_patches, (ingest_module, "open_store_for", "opening the store"),
                                    (ingest_module, "assign_splits", "split assignment"),
-                                   (Store, "add", "store writes (add)"), (Store, "commit", "commits")):
+                                   (Store, "add", "store writes (add)"), (Store, "commit", "commits"),
+                                   (ingest_module, "_prepare_chunk", "decoding")):
             patches.enter_context(mock.patch.object(owner, name, timed(label, getattr(owner, name))))
         patches.enter_context(mock.patch.object(
             encoder, "embed_stream", timed_generator("waiting for the forward passes", encoder.embed_stream)))
         patches.enter_context(mock.patch.object(
             ingest_module, "_batches", timed_generator("waiting for decoded images", ingest_module._batches)))
+        cpu_started = process_cpu()
         seconds, _ = run_ingest(scan, encoder, args)
+        ingest_cpu = process_cpu() - cpu_started
     bare_after = run_bare(batch, encoder, args.batch_size)
     bare = min(bare_before, bare_after)
-    forward = spent.pop("forward")
-    threads = {"forward passes (thread-seconds in the forward threads)": forward,
-               "normalising batches (thread-seconds in the forward threads)": spent.pop("embed_pixels") - forward}
+    forward, forward_cpu = spent.pop("forward"), cpu.pop("forward")
+    threads = {"forward passes (thread-seconds in the forward threads)": (forward, forward_cpu),
+               "normalising batches (thread-seconds in the forward threads)":
+                   (spent.pop("embed_pixels") - forward, cpu.pop("embed_pixels") - forward_cpu),
+               "decoding (thread-seconds in the decoding threads)": (spent.pop("decoding"), cpu.pop("decoding"))}
     spent["waiting for the forward passes"] -= spent["waiting for decoded images"]  # decoding is pulled inside it
     spent["other (main thread)"] = seconds - sum(spent.values())
-    rows = [{"part of the ingest": "whole ingest", "seconds": seconds, "share": 1.0, "x bare forward": seconds / bare},
-            {"part of the ingest": "bare forward, same images (faster of the passes before and after)",
-             "seconds": bare, "share": None, "x bare forward": 1.0}]
-    rows += [{"part of the ingest": name, "seconds": value, "share": value / seconds, "x bare forward": None}
-             for name, value in spent.most_common()]
+    rows = [{"part of the ingest": "whole ingest", "seconds": seconds, "share": 1.0, "x bare forward": seconds / bare,
+             "CPU s": ingest_cpu},
+            {"part of the ingest": "bare forward, same images (faster of the passes before and after; CPU: before)",
+             "seconds": bare, "share": None, "x bare forward": 1.0, "CPU s": bare_cpu}]
+    rows += [{"part of the ingest": name, "seconds": value, "share": value / seconds, "x bare forward": None,
+              "CPU s": cpu.get(name)} for name, value in spent.most_common()]
     rows += [{"part of the ingest": "bare forward's own forward passes (thread-seconds)",
-              "seconds": bare_thread_seconds, "share": None, "x bare forward": 1.0}]
+              "seconds": bare_thread_seconds, "share": None, "x bare forward": 1.0, "CPU s": bare_thread_cpu}]
     rows += [{"part of the ingest": name, "seconds": value, "share": None,
-              "x bare forward": value / bare_thread_seconds if name.startswith("forward") else None}
-             for name, value in threads.items()]
+              "x bare forward": value / bare_thread_seconds if name.startswith("forward") else None,
+              "CPU s": value_cpu}
+             for name, (value, value_cpu) in threads.items()]
     print(f"\none more ingest by component (bare forward {bare_before:.2f} s before it, {bare_after:.2f} s after):\n")
     print(_bench.table(rows))
     print(flush=True)
