@@ -387,7 +387,7 @@ def breakdown(scan, encoder, batch, args) -> list[dict]:
     threads = {"forward passes (thread-seconds in the forward threads)": (forward, forward_cpu),
                "normalising batches (thread-seconds in the forward threads)":
                    (spent.pop("embed_pixels") - forward, cpu.pop("embed_pixels") - forward_cpu),
-               "decoding (thread-seconds in the decoding threads)": (spent.pop("decoding"), cpu.pop("decoding"))}
+               "decoding: read, hash, decode, resize (thread-seconds)": (spent.pop("decoding"), cpu.pop("decoding"))}
     spent["waiting for the forward passes"] -= spent["waiting for decoded images"]  # decoding is pulled inside it
     spent["other (main thread)"] = seconds - sum(spent.values())
     rows = [{"part of the ingest": "whole ingest", "seconds": seconds, "share": 1.0, "x bare forward": seconds / bare,
