@@ -328,6 +328,30 @@ def test_cli_ingest_and_info(tmp_path, monkeypatch, damaged_ham):
     assert "Traceback" not in result.output
 
 
+def test_cli_streams_sets_the_batches_run_at_once(tmp_path, monkeypatch, ham_subset):
+    """--streams 1 runs the real encoder one batch at a time (no forward threads started);
+    without it the encoder keeps its default of two."""
+    from mediret.encoders import load_encoder
+
+    encoders = []
+
+    def load(*args, **kwargs):
+        encoders.append(load_encoder("squeezenet1_1", weights="random", precision="fp32"))
+        return encoders[-1]
+
+    monkeypatch.setattr("mediret.encoders.load_encoder", load)
+    runner = CliRunner()
+    for options in (["--streams", "1"], []):
+        result = runner.invoke(cli, ["ingest", str(ham_subset[0]), "--store", str(tmp_path / "s"),
+                                     "-q", "--limit", "24", "-b", "8", *options])
+        assert result.exit_code == 0, result.output
+    one, default = encoders
+    assert one.forward_streams == 1 and one._streams is None
+    assert default.forward_streams == 2
+    with Store.open(tmp_path / "s") as store:
+        assert len(store) == 48
+
+
 def test_dicom_source_is_decoded(tmp_path):
     """A DICOM mammogram (here a real HAM image's grey levels in 16 bits) reads as an image."""
     pydicom = pytest.importorskip("pydicom")
