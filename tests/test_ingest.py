@@ -331,6 +331,8 @@ def test_cli_ingest_and_info(tmp_path, monkeypatch, damaged_ham):
 def test_cli_streams_sets_the_batches_run_at_once(tmp_path, monkeypatch, ham_subset):
     """--streams 1 runs the real encoder one batch at a time (no forward threads started);
     without it the encoder keeps its default of two."""
+    import torch
+
     from mediret.encoders import load_encoder
 
     encoders = []
@@ -350,6 +352,15 @@ def test_cli_streams_sets_the_batches_run_at_once(tmp_path, monkeypatch, ham_sub
     assert default.forward_streams == 2
     with Store.open(tmp_path / "s") as store:
         assert len(store) == 48
+    threads = torch.get_num_threads()
+    try:
+        result = runner.invoke(cli, ["ingest", str(ham_subset[0]), "--store", str(tmp_path / "s"), "-q",
+                                     "--limit", "8", "--threads", "2", "--streams", "3"])
+    finally:
+        torch.set_num_threads(threads)  # --threads sets the process's
+    assert result.exit_code == 0, result.output
+    assert "--streams 3 needs a torch thread per stream" in result.output
+    assert encoders[-1]._streams is None  # inline, as the note says
 
 
 def test_dicom_source_is_decoded(tmp_path):
