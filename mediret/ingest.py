@@ -220,13 +220,16 @@ def open_store_for(store_path: str | Path, encoder, scan: DatasetScan) -> Store:
     elif held.preprocess != info.preprocess:
         problems.append(f"its vectors use preprocessing '{held.preprocess}', "
                         f"not '{info.preprocess}'")
+    advice = "Choose another --store"
+    if problems:  # the encoder's
+        advice += (f", or ingest with the store's settings: --encoder {held.name} --preprocess "
+                   f"{held.preprocess}, weights: {held.weights_source} (`mediret info --store "
+                   f"{store_path}` shows them)")
     if store.get_info("format") not in (None, scan.name):
         problems.append(f"it holds a '{store.get_info('format')}' dataset, not '{scan.name}'")
     if problems:
         store.close()
-        raise StoreError(f"cannot ingest into {store_path}: {'; '.join(problems)}. "
-                         "Choose another --store, or match the store's settings "
-                         "(see `mediret info --store PATH`).")
+        raise StoreError(f"cannot ingest into {store_path}: {'; '.join(problems)}. {advice}.")
     return store
 
 

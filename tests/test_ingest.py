@@ -24,7 +24,7 @@ from mediret.ingest import ingest
 from mediret.splits import check_group_disjoint
 from mediret.store import Store
 
-from .conftest import MEDMNIST, ThumbnailEncoder, make_ham_subset, requires_data
+from .conftest import MEDMNIST, PAD, ThumbnailEncoder, make_ham_subset, requires_data
 
 pytestmark = requires_data
 REPO = Path(__file__).resolve().parents[1]
@@ -111,8 +111,19 @@ def test_second_ingest_adds_nothing(tmp_path, ham_store, ham_subset, efficientne
 def test_other_encoder_is_refused(tmp_path, ham_store, ham_subset):
     copy = tmp_path / "store"
     shutil.copytree(ham_store, copy)
-    with pytest.raises(StoreError, match="built with encoder efficientnet-lite0"):
+    with pytest.raises(StoreError, match="built with encoder efficientnet-lite0.*store's settings: "
+                                         "--encoder efficientnet-lite0 --preprocess efficientnet-lite"):
         ingest(read_dataset(ham_subset[0]), copy, ThumbnailEncoder(), progress=False)
+
+
+def test_other_dataset_is_refused_without_encoder_advice(tmp_path, ham_store, efficientnet_lite0):
+    copy = tmp_path / "store"
+    shutil.copytree(ham_store, copy)
+    with pytest.raises(StoreError, match="holds a 'ham10000' dataset, not 'pad-ufes-20'") as refused:
+        ingest(read_dataset(PAD), copy, efficientnet_lite0, progress=False)
+    assert "--encoder" not in str(refused.value)  # the encoder matches: only the store is wrong
+    with Store.open(copy) as store:
+        assert store.get_info("format") == "ham10000"
 
 
 @pytest.mark.slow
