@@ -42,7 +42,8 @@ def test_bench_ingest_small_run_is_consistent(tmp_path):
 
     parts = {row["part of the ingest"].split(" (")[0]: row for row in raw["breakdown"]}
     whole = parts["whole ingest"]
-    threads = [parts[name] for name in ("forward passes", "normalising batches", "decoding: read, hash, decode, resize")]
+    threads = [parts[name] for name in
+               ("forward passes", "normalising batches", "decoding: read, hash, decode, resize")]
     # Each thread's CPU time is at most its wall time in the part, and the process's CPU time
     # (measured apart, by os.times) holds the threads' parts.
     for part in threads:
