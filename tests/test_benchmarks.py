@@ -39,6 +39,11 @@ def test_bench_ingest_small_run_is_consistent(tmp_path):
     assert median["value"] == pytest.approx(statistics.median(raw["bare / ingest per round"]))
     assert median["met"] == (median["value"] >= 0.9)
     assert raw["ingest_report"] == {"added": 100, "duplicates": 0, "problems": 0}
+    naive = rows["naive loop"]  # the goal's baseline: the library's PIL transforms
+    assert naive["seconds"] == min(raw["naive_s (both passes)"]) and naive["images"] == 30
+    assert goals["ingest vs naive loop"]["value"] == pytest.approx((100 / min(ingest_s)) / (30 / naive["seconds"]))
+    assert rows["(for reference) the naive loop with mediret's per-image preprocessing"]["seconds"] == min(
+        raw["naive_mediret_preprocess_s (both passes)"])
 
     parts = {row["part of the ingest"].split(" (")[0]: row for row in raw["breakdown"]}
     whole = parts["whole ingest"]
