@@ -13,7 +13,7 @@ DatasetScan limited to them), in one run:
   of its vector to a FAISS IndexIDMap2(IndexFlatIP), and one autocommitted DuckDB INSERT
   (the index file is written once at the end). For reference, the same loop with
   mediret's own per-image preprocessing (torch's resize) is timed beside it; until
-  2026-12-03 11:40 UTC it was the goal's baseline;
+  2026-12-03 11:30 UTC it was the goal's baseline;
 - **bare forward**: the optimized encoder's ``embed_batch`` over the same images
   already decoded and preprocessed in memory, at ingest's batch size, in the
   memory layout ingest hands the model (channels-last where the encoder runs so).
