@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import platform
@@ -79,6 +80,12 @@ def _libc() -> ctypes.CDLL | None:
     """glibc through ctypes; None where mediret leaves the allocator alone (tuning off, not glibc)."""
     if os.environ.get(DISABLE_ENV, "").strip().lower() in ("0", "false", "no", "off"):
         return None
+    return _glibc()
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """glibc, found and loaded once per process (``find_library`` runs ``ldconfig``); None elsewhere."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     name = ctypes.util.find_library("c")
