@@ -152,6 +152,18 @@ def test_info_counts(tmp_path, ham_rows):
     assert info["encoder"]["dim"] == 16
 
 
+def _measured_in_fresh_process(script: str, path) -> str:
+    """Run ``script`` with ``path`` in a fresh process, without the user's MALLOC_ settings; it prints
+    whether keep_freed_memory applied and one measurement, which is returned (skip where not applied)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
+                         check=True, env=env)
+    applied, measured = out.stdout.split()
+    if applied != "True":
+        pytest.skip("not glibc: mediret leaves the allocator alone")
+    return measured
+
+
 def test_store_leaves_the_encoders_kept_buffers_mapped(tmp_path):
     """DuckDB's worker threads, idle for half a second, would malloc_trim the heap and unmap the
     freed buffers mediret.allocator keeps for the encoder; a store runs DuckDB on one thread."""
@@ -175,12 +187,7 @@ def test_store_leaves_the_encoders_kept_buffers_mapped(tmp_path):
         "print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
         "store.close()\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "s")], capture_output=True, text=True,
-                         check=True, env=env)
-    applied, faults = out.stdout.split()
-    if applied != "True":
-        pytest.skip("not glibc: mediret leaves the allocator alone")
+    faults = _measured_in_fresh_process(script, tmp_path / "s")
     buffer_pages, pin_pages = (64 << 20) // 4096, 5 * (1 << 20) // 4096
     assert int(faults) < pin_pages + buffer_pages // 4  # the 64 MiB buffer was not faulted in again
 
@@ -209,12 +216,7 @@ def test_opening_and_closing_stores_leaves_the_encoders_kept_buffers_mapped(tmp_
         "        store.info()\n"
         "print(applied, before - resident_mib())\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
-                         check=True, env=env)
-    applied, dropped_mib = out.stdout.split()
-    if applied != "True":
-        pytest.skip("not glibc: mediret leaves the allocator alone")
+    dropped_mib = _measured_in_fresh_process(script, tmp_path)
     assert float(dropped_mib) < 16  # a trim would hand back most of the freed 64 MiB
 
 
