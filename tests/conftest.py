@@ -6,6 +6,7 @@ import csv
 import random
 import shutil
 from collections import deque
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -125,6 +126,20 @@ class ThumbnailEncoder:
 @pytest.fixture
 def thumbnail_encoder():
     return ThumbnailEncoder()
+
+
+@contextmanager
+def torch_threads(n: int | None = None):
+    """Torch's thread count set to ``n`` for a block (or left to the block), restored after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

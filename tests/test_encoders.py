@@ -19,6 +19,8 @@ from mediret import encoders
 from mediret.encoders import EncoderSpec, encoder_table, get_encoder_spec, list_encoders, load_encoder, register_encoder
 from mediret.errors import EncoderError
 
+from .conftest import torch_threads
+
 torch.set_num_threads(1)  # 2 cores shared: oversubscribed OpenMP threads slow down 10x
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -332,10 +334,8 @@ def test_embed_pixels_equals_embedding_stacked_tensors(name):
 @pytest.fixture
 def two_torch_threads():
     """Torch on two threads for the test (this module runs it on one): ``embed_stream``'s two streams."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(2):
+        yield
 
 
 class _ForwardSpy:
@@ -406,15 +406,12 @@ def test_embed_stream_takes_tensors_and_runs_inline_on_one_thread():
     assert spy.calls == [] and encoder._streams is None  # tensors: embed_batch, inline (one thread)
     got = [vectors for _, vectors in encoder.embed_stream(batches)]
     assert spy.threads == ["MainThread"] * 2 and encoder._streams is None
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         encoder.forward_streams = 1
         list(encoder.embed_stream(batches))
         assert spy.threads[2:] == ["MainThread"] * 2
         encoder.forward_streams = 2
         again = [vectors for _, vectors in encoder.embed_stream(batches)]
-    finally:
-        torch.set_num_threads(1)
     assert all(t.startswith("mediret-forward") for t in spy.threads[4:]) and encoder._streams
     np.testing.assert_array_equal(np.concatenate(again), np.concatenate(got))  # one thread each, as inline
 

@@ -24,7 +24,7 @@ from mediret.ingest import ingest
 from mediret.splits import check_group_disjoint
 from mediret.store import Store
 
-from .conftest import MEDMNIST, PAD, ThumbnailEncoder, make_ham_subset, requires_data
+from .conftest import MEDMNIST, PAD, ThumbnailEncoder, make_ham_subset, requires_data, torch_threads
 
 pytestmark = requires_data
 REPO = Path(__file__).resolve().parents[1]
@@ -55,25 +55,19 @@ def test_real_encoder_store_matches_label_file_and_encoder(ham_store, ham_subset
     np.testing.assert_allclose(np.linalg.norm(reread, axis=1), 1.0, atol=1e-5)
 
 
-@pytest.mark.parametrize("workers, torch_threads", [(0, 1), (2, 1), (2, 2)])
-def test_vectors_equal_the_encoders_own_batches_bit_for_bit(tmp_path, workers, torch_threads):
+@pytest.mark.parametrize("workers, threads", [(0, 1), (2, 1), (2, 2)])
+def test_vectors_equal_the_encoders_own_batches_bit_for_bit(tmp_path, workers, threads):
     """Ingest decodes in chunks of 8 (in threads, or inline) and resizes each chunk's images together:
     the same vectors, bit for bit, as the encoder's ``embed_stream`` over the same batches of
     each image's own ``pixels``. In fp32: with ``auto`` precision, an encoder on a CPU with native
     bf16 may switch to bf16 after its first batch, so ingest's batches and these would differ.
     With two torch threads, batches run in the encoder's two forward threads, one torch thread each."""
-    import torch
-
     from mediret.encoders import load_encoder
 
     efficientnet_lite0 = load_encoder("efficientnet-lite0", precision="fp32")
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(torch_threads)
-    try:
+    with torch_threads(threads):
         _ingest_and_compare(tmp_path, efficientnet_lite0, workers)
-    finally:
-        torch.set_num_threads(threads_before)
-    assert bool(efficientnet_lite0._streams) == (torch_threads == 2)
+    assert bool(efficientnet_lite0._streams) == (threads == 2)
 
 
 def _ingest_and_compare(tmp_path, efficientnet_lite0, workers):
@@ -342,8 +336,6 @@ def test_cli_ingest_and_info(tmp_path, monkeypatch, damaged_ham):
 def test_cli_streams_sets_the_batches_run_at_once(tmp_path, monkeypatch, ham_subset):
     """--streams 1 runs the real encoder one batch at a time (no forward threads started);
     without it the encoder keeps its default of two."""
-    import torch
-
     from mediret.encoders import load_encoder
 
     encoders = []
@@ -363,12 +355,9 @@ def test_cli_streams_sets_the_batches_run_at_once(tmp_path, monkeypatch, ham_sub
     assert default.forward_streams == 2
     with Store.open(tmp_path / "s") as store:
         assert len(store) == 48
-    threads = torch.get_num_threads()
-    try:
+    with torch_threads():  # --threads sets the process's
         result = runner.invoke(cli, ["ingest", str(ham_subset[0]), "--store", str(tmp_path / "s"), "-q",
                                      "--limit", "8", "--threads", "2", "--streams", "3"])
-    finally:
-        torch.set_num_threads(threads)  # --threads sets the process's
     assert result.exit_code == 0, result.output
     assert "--streams 3 needs a torch thread per stream" in result.output
     assert encoders[-1]._streams is None  # inline, as the note says
