@@ -74,9 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--weights", default=None, help="weights file (default: the encoder's own)")
     parser.add_argument("--batch-size", type=int, default=32, help="ingest's default")
     parser.add_argument("--workers", type=int, default=2, help="decode threads (ingest's default)")
-    parser.add_argument("--repeat", type=int, default=2,
+    parser.add_argument("--repeat", type=int, default=6,
                         help="rounds of one bare-forward pass then one ingest pass; the fastest passes count, "
-                             "and the median of the rounds' ratios is printed too")
+                             "and the median of the rounds' ratios is printed too (single rounds spread by "
+                             "+-5 %% on a shared 2-core VM, so two rounds decide little)")
     parser.add_argument("--sweep-workers", default="",
                         help="also time ingest with each of these decode-thread counts (e.g. 0,1,2,3), "
                              "--repeat interleaved rounds, in this process")
