@@ -154,10 +154,10 @@ def ingest(dataset, store_path, encoder, weights, preprocess, dataset_format, ba
     scan = read_dataset(dataset, dataset_format)
     model = load_encoder(encoder, weights=weights, preprocess=preprocess, device=device, precision=precision)
     if streams is not None:
-        import torch
-
         model.forward_streams = streams
-        if streams > torch.get_num_threads() and model.device == "cpu":
+        if model.device == "cpu" and model.threads_per_stream() < 1:
+            import torch
+
             click.echo(f"note: --streams {streams} needs a torch thread per stream, and there are "
                        f"{torch.get_num_threads()} (--threads); running one batch at a time", err=True)
     if not quiet:

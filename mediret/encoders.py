@@ -276,14 +276,19 @@ class Encoder:
 
         return self.embed_batch(batch) if isinstance(batch, torch.Tensor) else self.embed_pixels(batch)
 
-    def _forward_threads(self) -> ThreadPoolExecutor | None:
-        """The threads ``embed_stream`` runs batches in; None to run them inline."""
+    def threads_per_stream(self) -> int:
+        """torch threads each of ``forward_streams`` batches gets on the CPU; 0 when torch has
+        fewer threads than streams, and ``embed_stream`` then runs one batch at a time."""
         import torch
 
+        return torch.get_num_threads() // max(self.forward_streams, 1)
+
+    def _forward_threads(self) -> ThreadPoolExecutor | None:
+        """The threads ``embed_stream`` runs batches in; None to run them inline."""
         if self.forward_streams < 2 or self.device != "cpu" or self._bf16_model is not None:
             return None
         if self._streams is None:
-            threads = torch.get_num_threads() // self.forward_streams
+            threads = self.threads_per_stream()
             if threads < 1:
                 return None  # fewer threads than streams (for now: torch's setting may change)
             self._streams = _start_forward_threads(self.forward_streams, threads) or False
