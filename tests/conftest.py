@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import random
 import shutil
 from collections import deque
@@ -126,6 +127,12 @@ class ThumbnailEncoder:
 @pytest.fixture
 def thumbnail_encoder():
     return ThumbnailEncoder()
+
+
+def environ_without(*prefixes: str) -> dict[str, str]:
+    """This process's environment minus the variables starting with any of ``prefixes``: for a
+    fresh process that must not inherit the user's allocator (``MALLOC_``) or OpenMP settings."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
 
 
 @contextmanager

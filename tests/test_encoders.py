@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import subprocess
@@ -19,7 +18,7 @@ from mediret import encoders
 from mediret.encoders import EncoderSpec, encoder_table, get_encoder_spec, list_encoders, load_encoder, register_encoder
 from mediret.errors import EncoderError
 
-from .conftest import torch_threads
+from .conftest import environ_without, torch_threads
 
 torch.set_num_threads(1)  # 2 cores shared: oversubscribed OpenMP threads slow down 10x
 
@@ -610,7 +609,7 @@ def test_allocator_lets_new_threads_keep_large_buffers():
         "done.set(); before.join()\n"
         "print(applied, heap_keeps_large_buffers(), later, result[0])\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env = environ_without("MALLOC_")
     out = {mode: subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True,
                                 check=True, env=env).stdout.split() for mode in ("off", "on")}
     if out["on"][0] != "True":
@@ -631,7 +630,7 @@ def test_a_store_opened_before_the_encoder_leaves_it_two_streams(tmp_path):
         "list(encoder.embed_stream([np.zeros((2, 224, 224, 3), np.uint8)] * 3))\n"
         "print(torch.get_num_threads(), bool(encoder._streams))\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "OMP_"))}
+    env = environ_without("MALLOC_", "OMP_")
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "s")], capture_output=True, text=True,
                          check=True, env=env).stdout.split()
     if int(out[0]) < 2:
@@ -654,7 +653,7 @@ def test_allocator_keeps_freed_buffers_mapped():
         "    churn()\n"
         "print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env = environ_without("MALLOC_")
     runs = {}
     for mode in ("off", "on"):
         out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True, env=env)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ from mediret.records import ImageRecord
 from mediret.splits import check_group_disjoint
 from mediret.store import DB_FILE, EncoderInfo, Store, _write_index_atomic
 
-from .conftest import HAM, read_csv, requires_data
+from .conftest import HAM, environ_without, read_csv, requires_data
 
 pytestmark = requires_data
 
@@ -155,7 +154,7 @@ def test_info_counts(tmp_path, ham_rows):
 def _measured_in_fresh_process(script: str, path) -> str:
     """Run ``script`` with ``path`` in a fresh process, without the user's MALLOC_ settings; it prints
     whether keep_freed_memory applied and one measurement, which is returned (skip where not applied)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env = environ_without("MALLOC_")
     out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
                          check=True, env=env)
     applied, measured = out.stdout.split()
