@@ -352,9 +352,16 @@ def breakdown(scan, encoder, batch, args) -> list[dict]:
                     cpu[name] += time.thread_time() - started_cpu
         return wrapper
 
-    def process_cpu() -> float:
-        times = os.times()
-        return times.user + times.system
+    def with_process_cpu(run):
+        """(``run()``'s result, the process's CPU time during it)."""
+        before = os.times()
+        result = run()
+        after = os.times()
+        return result, (after.user - before.user) + (after.system - before.system)
+
+    def pop_part(name) -> tuple[float, float]:
+        """(wall seconds, CPU seconds) of a timed part, taken out of the tallies."""
+        return spent.pop(name), cpu.pop(name)
 
     def timed_generator(name, function):
         def wrapper(*args, **kwargs):
@@ -374,10 +381,8 @@ def breakdown(scan, encoder, batch, args) -> list[dict]:
     with ExitStack() as patches:
         for owner, name, label in forward_patches:
             patches.enter_context(mock.patch.object(owner, name, timed(label, getattr(owner, name))))
-        cpu_started = process_cpu()
-        bare_before = run_bare(batch, encoder, args.batch_size)
-        bare_cpu = process_cpu() - cpu_started
-    bare_thread_seconds, bare_thread_cpu = spent.pop("forward"), cpu.pop("forward")
+        bare_before, bare_cpu = with_process_cpu(lambda: run_bare(batch, encoder, args.batch_size))
+    bare_thread_seconds, bare_thread_cpu = pop_part("forward")
     spent.clear()
     cpu.clear()
     with ExitStack() as patches:  # every wrapper is removed again on leaving
@@ -390,16 +395,15 @@ def breakdown(scan, encoder, batch, args) -> list[dict]:
             encoder, "embed_stream", timed_generator("waiting for the forward passes", encoder.embed_stream)))
         patches.enter_context(mock.patch.object(
             ingest_module, "_batches", timed_generator("waiting for decoded images", ingest_module._batches)))
-        cpu_started = process_cpu()
-        seconds, _ = run_ingest(scan, encoder, args)
-        ingest_cpu = process_cpu() - cpu_started
+        (seconds, _), ingest_cpu = with_process_cpu(lambda: run_ingest(scan, encoder, args))
     bare_after = run_bare(batch, encoder, args.batch_size)
     bare = min(bare_before, bare_after)
-    forward, forward_cpu = spent.pop("forward"), cpu.pop("forward")
+    forward, forward_cpu = pop_part("forward")
+    embed_pixels, embed_pixels_cpu = pop_part("embed_pixels")  # normalising, then the forward pass
     threads = {"forward passes (thread-seconds in the forward threads)": (forward, forward_cpu),
                "normalising batches (thread-seconds in the forward threads)":
-                   (spent.pop("embed_pixels") - forward, cpu.pop("embed_pixels") - forward_cpu),
-               "decoding: read, hash, decode, resize (thread-seconds)": (spent.pop("decoding"), cpu.pop("decoding"))}
+                   (embed_pixels - forward, embed_pixels_cpu - forward_cpu),
+               "decoding: read, hash, decode, resize (thread-seconds)": pop_part("decoding")}
     spent["waiting for the forward passes"] -= spent["waiting for decoded images"]  # decoding is pulled inside it
     spent["other (main thread)"] = seconds - sum(spent.values())
     rows = [{"part of the ingest": "whole ingest", "seconds": seconds, "share": 1.0, "x bare forward": seconds / bare,
