@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from mediret import cli as cli_module
+from mediret.cli import search as cli_module
 from mediret import search as search_module
 from mediret.cli import cli
 from mediret.errors import SearchError
