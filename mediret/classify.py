@@ -15,8 +15,6 @@ only ranks. Single-label predictions are the argmax of the scores.
 
 from __future__ import annotations
 
-import json
-import pickle
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -29,10 +27,10 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets, type_of_target
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .errors import ClassifyError
+from .errors import ClassifyError, SearchError
 from .metrics import ClassificationMetrics, classification_report
 from .splits import check_group_disjoint
-from .store import Store
+from .store import SavedClassifier, Store
 
 CLASSIFIER_KINDS = ("lr", "svm", "linearsvc", "knn")
 SPLIT_SCHEMES = ("random", "group", "given")
@@ -361,10 +359,8 @@ def _split_summary(settings: ClassifySettings, train: LabelledSet, test: Labelle
 
 def _shared_hashes(store: Store, ids: np.ndarray, other: Store, other_ids: np.ndarray) -> int:
     """Images among ``other_ids`` whose bytes equal an image among ``ids``."""
-    query = ("SELECT content_hash FROM images WHERE content_hash IS NOT NULL "
-             "AND id IN (SELECT unnest(?))")
-    mine = {r[0] for r in store.sql(query, [ids.tolist()])}
-    return sum(r[0] in mine for r in other.sql(query, [other_ids.tolist()]))
+    mine = set(store.content_hashes(ids))
+    return sum(h in mine for h in other.content_hashes(other_ids))
 
 
 def _external_set(store: Store, external: Store, class_names: list[str], multilabel: bool) -> LabelledSet:
@@ -660,67 +656,23 @@ def _model_name(given: str | None, kind: str, split: str, n_models: int) -> str:
 
 # ---- classifiers kept in the store --------------------------------------------------------------
 
-_CLASSIFIERS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS classifiers (
-    name TEXT PRIMARY KEY, kind TEXT, encoder TEXT, encoder_dim INTEGER, preprocess TEXT,
-    weights_source TEXT, split TEXT, class_names JSON, multilabel BOOLEAN, score_source TEXT,
-    params JSON, settings JSON, metrics JSON, n_train INTEGER, sklearn_version TEXT,
-    created_at TIMESTAMP, model BLOB)
-"""
-
-
-@dataclass
-class SavedClassifier:
-    """A fitted classifier as kept in a store, with what it was trained on."""
-
-    name: str
-    kind: str
-    encoder: dict[str, Any]
-    split: str
-    class_names: list[str]
-    multilabel: bool
-    score_source: str
-    params: dict[str, Any]
-    metrics: dict[str, Any]
-    n_train: int
-    created_at: datetime
-    model: Any = field(repr=False, default=None)
-
 
 def save_classifier(store: Store, name: str, result: ModelResult, run: ClassifyResult) -> None:
     """Keep ``result.model`` in the store under ``name`` (replacing one of that name), in one transaction."""
     import sklearn
 
-    enc = store.encoder
-    con = store._con
-    con.execute("BEGIN")
-    try:
-        con.execute(_CLASSIFIERS_SCHEMA)
-        con.execute("DELETE FROM classifiers WHERE name = ?", [name])
-        con.execute(
-            "INSERT INTO classifiers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [name, result.kind, enc.name, enc.dim, enc.preprocess, enc.weights_source,
-             run.split.scheme, json.dumps(run.class_names), run.multilabel, result.score_source,
-             json.dumps(result.best_params, default=str), json.dumps(run.settings.to_dict()),
-             json.dumps(result.metrics.to_dict()), run.split.n_train, sklearn.__version__,
-             datetime.now(timezone.utc).replace(tzinfo=None),
-             pickle.dumps(result.model, protocol=pickle.HIGHEST_PROTOCOL)])
-        con.execute("COMMIT")
-    except Exception:
-        con.execute("ROLLBACK")
-        raise
-
-
-_SAVED_COLUMNS = ("name, kind, encoder, encoder_dim, preprocess, weights_source, split, class_names, "
-                  "multilabel, score_source, params, metrics, n_train, created_at")
+    store.classifiers.save(
+        SavedClassifier(name=name, kind=result.kind, encoder=asdict(store.encoder), split=run.split.scheme,
+                        class_names=run.class_names, multilabel=run.multilabel,
+                        score_source=result.score_source, params=result.best_params,
+                        metrics=result.metrics.to_dict(), n_train=run.split.n_train,
+                        created_at=datetime.now(timezone.utc).replace(tzinfo=None), model=result.model),
+        settings=run.settings.to_dict(), sklearn_version=sklearn.__version__)
 
 
 def list_classifiers(store: Store) -> list[SavedClassifier]:
     """The classifiers kept in ``store``, newest first, without their models."""
-    if not store.sql("SELECT 1 FROM information_schema.tables WHERE table_name = 'classifiers'"):
-        return []
-    rows = store.sql(f"SELECT {_SAVED_COLUMNS} FROM classifiers ORDER BY created_at DESC, name")
-    return [_saved(row) for row in rows]
+    return store.classifiers.list()
 
 
 def load_classifier(store: Store, name: str | None = None) -> SavedClassifier:
@@ -728,7 +680,7 @@ def load_classifier(store: Store, name: str | None = None) -> SavedClassifier:
 
     Models are pickles: load only stores you trust, as you would any pickle.
     """
-    saved = list_classifiers(store)
+    saved = store.classifiers.list()
     if not saved:
         raise ClassifyError(f"no classifier is saved in {store.path}; train one first, e.g. "
                             f"`mediret classify --clf lr --store {store.path}`")
@@ -736,19 +688,8 @@ def load_classifier(store: Store, name: str | None = None) -> SavedClassifier:
     if chosen is None:
         raise ClassifyError(f"no classifier '{name}' in {store.path}; it has: "
                             f"{', '.join(s.name for s in saved)}")
-    blob = store.sql("SELECT model FROM classifiers WHERE name = ?", [chosen.name])[0][0]
-    chosen.model = pickle.loads(blob)
+    chosen.model = store.classifiers.load_model(chosen.name)
     return chosen
-
-
-def _saved(row: tuple) -> SavedClassifier:
-    (name, kind, encoder, dim, preprocess, weights, split, class_names, multilabel, source,
-     params, metrics, n_train, created_at) = row
-    return SavedClassifier(
-        name=name, kind=kind, split=split, class_names=json.loads(class_names),
-        encoder={"name": encoder, "dim": dim, "preprocess": preprocess, "weights_source": weights},
-        multilabel=bool(multilabel), score_source=source, params=json.loads(params),
-        metrics=json.loads(metrics), n_train=n_train, created_at=created_at)
 
 
 # ---- labelling new images ---------------------------------------------------------------------
@@ -788,32 +729,28 @@ class Predictions:
         return asdict(self)
 
 
-RANDOM_WEIGHTS = "random"
-
-
 def predict_images(store_path: str | Path, images: Sequence[str | Path], model_name: str | None = None,
                    weights: str | None = None, device: str = "cpu") -> Predictions:
-    """Embed ``images`` with the store's encoder and label them with a saved classifier.
+    """Embed ``images`` with the store's encoder (``mediret.query``: DICOM and ``file.npz#split/i``
+    read as ingest reads them) and label them with a saved classifier.
 
-    weights: the encoder weights to load (default: the encoder's own source); they
-        must be those the store was built with, or the vectors are not comparable.
+    weights: the encoder weights to load (default: the store's recorded weights file, or the
+        encoder's own source); they must be those the store was built with, or the vectors
+        are not comparable.
     """
-    from .encoders import load_encoder
+    from .query import QueryEncoder, read_image
 
     with Store.open(store_path) as store:
         saved = load_classifier(store, model_name)
         stored = store.encoder
-    encoder = load_encoder(stored.name, weights=weights, preprocess=stored.preprocess, device=device,
-                           precision="fp32")  # a few images: the bf16 check would cost more than it saves
-    warnings_ = []
-    if encoder.weights_source.startswith(RANDOM_WEIGHTS) != stored.weights_source.startswith(RANDOM_WEIGHTS):
-        raise ClassifyError(
-            f"the store's vectors come from weights '{stored.weights_source}' but the encoder "
-            f"loaded '{encoder.weights_source}'; pass --weights to load the store's weights")
-    if encoder.weights_source != stored.weights_source:
-        warnings_.append(f"the store's vectors come from '{stored.weights_source}', the image "
-                         f"was embedded with '{encoder.weights_source}': check they are the same weights")
-    scores, source = class_scores(saved.model, embed_images(encoder, images))
+        embedder = QueryEncoder(store, weights=weights, device=device)
+    try:
+        vectors = embedder.embed_images([read_image(str(image)) for image in images])
+    except SearchError as exc:
+        raise ClassifyError(str(exc)) from exc
+    if not len(vectors):
+        raise ClassifyError("no images to label")
+    scores, source = class_scores(saved.model, vectors)
     threshold = 0.5 if source == "predict_proba" else 0.0
     labelled = []
     for image, row in zip(images, scores):
@@ -825,21 +762,4 @@ def predict_images(store_path: str | Path, images: Sequence[str | Path], model_n
         labelled.append(ImagePrediction(image=str(image), predicted=predicted,
                                         scores={saved.class_names[c]: float(row[c]) for c in order}))
     return Predictions(model=saved.name, kind=saved.kind, score_source=source, encoder=stored.name,
-                       weights=encoder.weights_source, warnings=warnings_, images=labelled)
-
-
-def embed_images(encoder, images: Sequence[str | Path], batch_size: int = 32) -> np.ndarray:
-    """Vectors of image files, preprocessed and embedded as ingest does."""
-    from PIL import Image, UnidentifiedImageError
-
-    pixels = []
-    for image in images:
-        try:
-            with Image.open(image) as opened:
-                pixels.append(encoder.preprocess.pixels(opened))
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-            raise ClassifyError(f"cannot read image {image}: {exc}") from exc
-    if not pixels:
-        raise ClassifyError("no images to label")
-    batches = (pixels[i:i + batch_size] for i in range(0, len(pixels), batch_size))
-    return np.concatenate([vectors for _, vectors in encoder.embed_stream(batches)])
+                       weights=embedder.encoder.weights_source, warnings=embedder.warnings, images=labelled)

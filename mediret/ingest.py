@@ -235,20 +235,17 @@ def open_store_for(store_path: str | Path, encoder, scan: DatasetScan) -> Store:
 
 def assign_splits(store: Store, seed: int, test_fraction: float) -> None:
     """(Re)compute the random and group splits over every image in the store, plus 'given'."""
-    rows = store.sql(
-        "SELECT i.id, i.image_id, i.group_id, i.given_split, "
-        "  (SELECT min(l.label) FROM labels l WHERE l.id = i.id) "
-        "FROM images i ORDER BY i.id")
-    if not rows:
+    keys = store.split_keys()
+    if not keys:
         return
-    ids = np.array([r[0] for r in rows], dtype=np.int64)
-    image_ids = [r[1] for r in rows]
-    strata = [r[4] or "" for r in rows]
+    ids = np.array([k.id for k in keys], dtype=np.int64)
+    image_ids = [k.image_id for k in keys]
+    strata = [k.first_label or "" for k in keys]
     store.set_splits("random", ids, random_split(image_ids, strata, test_fraction, seed))
-    store.set_splits("group", ids, group_split(image_ids, strata, [r[2] for r in rows],
+    store.set_splits("group", ids, group_split(image_ids, strata, [k.group_id for k in keys],
                                                test_fraction, seed))
-    if all(r[3] is not None for r in rows):
-        store.set_splits("given", ids, [r[3] for r in rows])
+    if all(k.given_split is not None for k in keys):
+        store.set_splits("given", ids, [k.given_split for k in keys])
     store.set_info("split_seed", str(seed))
     store.set_info("test_fraction", str(test_fraction))
 

@@ -26,8 +26,8 @@ import numpy as np
 from .errors import SearchError
 from .metrics import (RetrievalMetrics, class_sizes, relevance_from_label_sets,
                       relevance_from_labels, retrieval_report)
-from .search import (EXACT_FILTER_FRACTION, SIMILARITY, SearchIndex, Selection, default_scheme,
-                     open_index)
+from .index import SIMILARITY, SearchIndex, Selection, open_index
+from .search import EXACT_FILTER_FRACTION
 from .store import Store
 
 DEFAULT_KS = (1, 3, 5, 10)
@@ -80,7 +80,7 @@ def evaluate_retrieval(store: Store, scheme: str | None = None, ks: Sequence[int
         (Mahbod et al.'s code); see metrics.RETRIEVAL_DEFINITIONS.
     """
     started = time.perf_counter()
-    scheme = scheme or default_scheme(store)
+    scheme = scheme or store.default_split_scheme()
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise SearchError(f"ks must be positive integers, got {list(ks)}")

@@ -619,10 +619,14 @@ def test_allocator_lets_new_threads_keep_large_buffers():
 
 
 def test_a_store_opened_before_the_encoder_leaves_it_two_streams(tmp_path):
-    """In a fresh process (two torch threads), a store opened first (DuckDB's start makes a thread's
-    arena) and then an encoder: its forward threads still get the main heap and run."""
+    """In a fresh process (two torch threads), the allocator tuned, then a store opened (DuckDB's
+    start makes a thread's arena) and then an encoder: its forward threads still get the main
+    heap and run. Opening a store does not tune the allocator itself: a program that opens
+    one before it loads an encoder for bulk work tunes it first, as here."""
     script = (
         "import sys, numpy as np, torch\n"
+        "from mediret.allocator import keep_freed_memory\n"
+        "keep_freed_memory()\n"
         "from mediret.store import EncoderInfo, Store\n"
         "Store.create(sys.argv[1], EncoderInfo('e', 4, 'imagenet', 'random')).close()\n"
         "from mediret.encoders import load_encoder\n"

@@ -13,7 +13,7 @@ from mediret.cli import cli
 from mediret.datasets import read_dataset
 from mediret.errors import SearchError
 from mediret.retrieval import evaluate_retrieval
-from mediret.search import open_index
+from mediret.index import open_index
 from mediret.store import EncoderInfo, Store
 
 from .conftest import MEDMNIST, requires_data

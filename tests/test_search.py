@@ -12,16 +12,24 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from mediret.cli import common as cli_common
 from mediret.cli import search as cli_module
 from mediret import search as search_module
+from mediret.index import cache as index_cache
+from mediret.index import exact as exact_module
+from mediret.index import hnsw as hnsw_module
+from mediret.index import ivf_pq as ivf_pq_module
+from mediret.index import recall as recall_module
 from mediret.cli import cli
 from mediret.errors import SearchError
 from mediret.records import ImageRecord
-from mediret.search import Filters, open_index, query_from_file, query_from_id, search
+from mediret.index import open_index
+from mediret.query import query_from_file, query_from_id
+from mediret.search import search
 from mediret.sheet import (BACKGROUND, MATCH_COLOUR, MISMATCH_COLOUR, PLACEHOLDER_COLOUR,
                            QUERY_COLOUR, contact_sheet)
 from mediret.sources import open_source
-from mediret.store import EncoderInfo, Store
+from mediret.store import EncoderInfo, Filters, Store
 
 from .conftest import MEDMNIST, ham_image_path, requires_data
 from .vector_stores import ham_vector_store, one_faiss_thread  # noqa: F401 (autouse fixture)
@@ -89,6 +97,51 @@ def test_filters_apply_before_ranking(vs):
             mask_q[row] = False
             assert result.candidates == mask_q.sum()
             assert_same_hits(result, *brute_force(vs.X, vs.X[row], 8, mask_q))
+
+
+def test_field_conditions_select_what_a_plain_filter_over_the_metadata_selects(vs):
+    """Structured conditions (no SQL text) over metadata keys and columns, against the rows'
+    own values; an unknown field or operator names the valid ones."""
+    from mediret.store import FieldCondition
+
+    cases = [
+        ("sex=male", lambda r: r["sex"] == "male"),
+        ("age>=60", lambda r: r["age"] != "" and float(r["age"]) >= 60),
+        ("age<30", lambda r: r["age"] != "" and float(r["age"]) < 30),
+        ("localization=back|trunk", lambda r: r["localization"] in ("back", "trunk")),
+        ("localization~EXTREM", lambda r: "extrem" in r["localization"]),
+        ("sex!=female", lambda r: r["sex"] != "female"),
+        (f"group_id={vs.rows[5]['lesion_id']}", lambda r: r["lesion_id"] == vs.rows[5]["lesion_id"]),
+    ]
+    with Store.open(vs.path) as store:
+        for text, keep in cases:
+            selected = store.select_ids(Filters(fields=(FieldCondition.parse(text),)))
+            expected = [i for i, r in enumerate(vs.rows) if keep(r)]
+            assert 0 < len(expected) < len(vs.rows), text  # the case selects something, not all
+            assert selected.tolist() == expected, text
+        both = store.select_ids(Filters(fields=(FieldCondition.parse("sex=male"),
+                                                FieldCondition("age", ">", 70))))
+        assert both.tolist() == [i for i, r in enumerate(vs.rows)
+                                 if r["sex"] == "male" and r["age"] != "" and float(r["age"]) > 70]
+        with pytest.raises(SearchError, match="unknown field 'colour'.*localization"):
+            store.select_ids(Filters(fields=(FieldCondition("colour", "=", "red"),)))
+        with pytest.raises(SearchError, match="unknown operator 'LIKE'"):
+            store.select_ids(Filters(fields=(FieldCondition("sex", "LIKE", "m%"),)))
+        hostile = FieldCondition("sex", "=", "male' OR 1=1 --")  # a value is a parameter, never SQL
+        assert store.select_ids(Filters(fields=(hostile,))).tolist() == []
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        FieldCondition.parse("no operator here")
+
+
+def test_cli_field_filter(vs):
+    row = vs.rows[0]
+    result = CliRunner().invoke(cli, ["search", "--id", row["image_id"], "-k", "5", "--store", str(vs.path),
+                                      "--field", "sex=female", "--field", "age>=40", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    hits = json.loads(result.stdout)["hits"]
+    assert len(hits) == 5 and all(h["meta"]["sex"] == "female" and h["meta"]["age"] >= 40 for h in hits)
+    bad = CliRunner().invoke(cli, ["search", "--id", row["image_id"], "--store", str(vs.path), "--field", "sex"])
+    assert bad.exit_code == 2 and "FIELD=VALUE" in bad.output
 
 
 def test_a_rare_label_still_gives_k_hits(vs):
@@ -197,7 +250,7 @@ def test_approximate_indexes_recall_and_cache(vs, tmp_path):
     meta_path.write_text(json.dumps({**meta, "format": 1}))  # a cache of the older IVF-PQ layout
     with Store.open(path) as store:
         assert open_index(store, "ivf-pq").build_seconds is not None  # rebuilt, not read
-        assert json.loads(meta_path.read_text())["format"] == search_module.CACHE_FORMAT
+        assert json.loads(meta_path.read_text())["format"] == index_cache.CACHE_FORMAT
         assert open_index(store, "hnsw").params["M"] == 32
     with Store.open(path, read_only=False) as store:  # one more vector: caches are stale
         store.add([ImageRecord("extra", "extra.jpg", ("nv",))], vs.X[:1])
@@ -221,15 +274,16 @@ def test_restrictive_filter_on_hnsw_is_ranked_exactly(vs, tmp_path):
 
 def test_ivf_pq_shape_fits_faiss_constraints():
     for n, dim in ((8013, 1280), (5030, 512), (686, 2048), (160, 192), (1000, 30)):
-        nlist, m, nbits = search_module.ivf_pq_shape(n, dim)
+        nlist, m, nbits = ivf_pq_module.ivf_pq_shape(n, dim)
         assert dim % m == 0 and 1 <= nlist <= max(1, n // 39) and nbits == 4
-    assert search_module.ivf_pq_shape(8013, 1280) == (205, 320, 4)  # 4-d sub-vectors
-    assert search_module.ivf_pq_shape(1_000_000, 512) == (4000, 128, 4)
-    assert search_module.ivf_pq_shape(1000, 30)[1] == 6  # 30 / 4 = 7.5: the nearest divisor, 5-d
+    assert ivf_pq_module.ivf_pq_shape(8013, 1280) == (205, 320, 4)  # 4-d sub-vectors
+    assert ivf_pq_module.ivf_pq_shape(1_000_000, 512) == (4000, 128, 4)
+    assert ivf_pq_module.ivf_pq_shape(1000, 30)[1] == 6  # 30 / 4 = 7.5: the nearest divisor, 5-d
 
 
 def test_ivf_pq_refuses_a_store_too_small_to_train_its_codes():
-    from mediret.search import IVF_MIN_VECTORS, build_from_vectors
+    from mediret.index import build_from_vectors
+    from mediret.index.ivf_pq import IVF_MIN_VECTORS
 
     X = np.eye(IVF_MIN_VECTORS - 1, 8 * 4, dtype=np.float32)
     exact = exact_index(X, np.arange(len(X), dtype=np.int64))
@@ -367,9 +421,12 @@ def test_file_query_needs_the_store_weights(tmp_path, vs, weights_source, messag
 # ---- command line ----------------------------------------------------------------------
 
 def test_cli_constants_match_the_library():
-    assert cli_module.INDEX_KINDS == search_module.INDEX_KINDS
-    assert cli_module.SPLIT_SCHEMES == search_module.SPLIT_SCHEMES
-    assert cli_module.SIMILARITY_TEXT == search_module.SIMILARITY
+    from mediret import index, store
+
+    choices = {p.name: p.type.choices for p in cli_module.search.params if p.name == "index_kind"}
+    assert tuple(choices["index_kind"]) == index.kind_names() == ("exact", "hnsw", "ivf-pq")
+    assert cli_common.SPLIT_SCHEMES == store.SPLIT_SCHEMES
+    assert cli_module.SIMILARITY == search_module.SIMILARITY == index.SIMILARITY
 
 
 def test_cli_search_table_json_and_sheet(vs, tmp_path):
@@ -442,7 +499,7 @@ def test_cli_several_queries_stop_when_the_store_encoder_cannot_load(vs, tmp_pat
 @pytest.mark.parametrize("ascending", [True, False])
 def test_blas_and_faiss_exact_paths_agree_with_brute_force(vs, ascending):
     """Few queries are scored with numpy on the index's memory, many with FAISS: same hits either way."""
-    from mediret.search import SMALL_BATCH, SearchIndex, Selection
+    from mediret.index import SMALL_BATCH, SearchIndex, Selection
 
     rng = np.random.default_rng(3)
     X = vs.X.astype(np.float32)
@@ -483,16 +540,17 @@ def test_blas_and_faiss_exact_paths_agree_with_brute_force(vs, ascending):
 @pytest.mark.parametrize("faster", ["blas", "faiss"])
 def test_one_unfiltered_query_takes_the_scan_that_was_faster(vs, monkeypatch, faster):
     """A single query without an allow-list runs the scan timed faster once; others keep BLAS."""
-    from mediret.search import SearchIndex, Selection
+    from mediret.index import SearchIndex, Selection
+    from mediret.index.exact import ExactScan
 
     X = vs.X.astype(np.float32)
     ids = np.arange(len(X), dtype=np.int64)
     index = exact_index(X, ids)
     searcher = SearchIndex("exact", index, index)
     timed, blas_calls = [], []
-    monkeypatch.setattr(search_module, "_fastest", lambda calls, repeat: timed.append(sorted(calls)) or faster)
-    blas = SearchIndex._search_blas
-    monkeypatch.setattr(SearchIndex, "_search_blas",
+    monkeypatch.setattr(exact_module, "_fastest", lambda calls, repeat: timed.append(sorted(calls)) or faster)
+    blas = ExactScan.search_blas
+    monkeypatch.setattr(ExactScan, "search_blas",
                         lambda self, queries, *a: blas_calls.append(len(queries)) or blas(self, queries, *a))
     excluded = Selection(excluded=ids[[5, 8]])
     mask = ~np.isin(ids, excluded.excluded)
@@ -511,27 +569,30 @@ def test_one_unfiltered_query_takes_the_scan_that_was_faster(vs, monkeypatch, fa
 def test_the_single_query_scan_is_timed_for_real_on_a_sample(vs, monkeypatch):
     import faiss
 
-    from mediret.search import SearchIndex
+    from mediret.index import SearchIndex
+    from mediret.index.exact import ExactScan
 
     X = vs.X.astype(np.float32)
     index = exact_index(X, np.arange(len(X), dtype=np.int64))
     searcher = SearchIndex("exact", index, index)
-    monkeypatch.setattr(search_module, "SCAN_PROBE_BYTES", X[0].nbytes * 10)  # the probe scans 10 rows
+    monkeypatch.setattr(exact_module, "SCAN_PROBE_BYTES", X[0].nbytes * 10)  # the probe scans 10 rows
     scanned, knn = [], faiss.knn
-    blas = SearchIndex._search_blas
-    monkeypatch.setattr(SearchIndex, "_search_blas",
+    blas = ExactScan.search_blas
+    monkeypatch.setattr(ExactScan, "search_blas",
                         lambda self, queries, k, sel, vectors, *a: scanned.append(len(vectors))
                         or blas(self, queries, k, sel, vectors, *a))
     monkeypatch.setattr(faiss, "knn", lambda q, xb, *a: scanned.append(len(xb)) or knn(q, xb, *a))
     _, found = searcher.search(X[4], 3)
-    assert found[0, 0] == 4 and searcher._one_query_scan in ("blas", "faiss")
+    assert found[0, 0] == 4 and searcher.exact_scan.single_query_scan in ("blas", "faiss")
     assert scanned[:10] == [10] * 10  # five timed runs of each scan, on the sample
 
 
 def test_ivf_pq_tunes_a_longer_shortlist_when_the_short_one_caps_recall():
     """Uniform random 128-d vectors: 16-byte PQ codes rank them coarsely, so max(10k, 100) candidates
     cannot reach recall@10 0.95 at any nprobe; the tuning must lengthen the shortlist."""
-    from mediret.search import IVF_TARGET_RECALL, build_from_vectors
+    from mediret.index import build_from_vectors
+    from mediret.index.kinds import KINDS
+    IVF_TARGET_RECALL = KINDS["ivf-pq"].target_recall
 
     rng = np.random.default_rng(0)
     X = rng.standard_normal((16000, 128)).astype(np.float32)
@@ -555,7 +616,8 @@ def test_ivf_pq_tunes_a_longer_shortlist_when_the_short_one_caps_recall():
 def test_few_queries_run_faiss_on_one_thread_and_restore_the_setting(vs):
     import faiss
 
-    from mediret.search import SearchIndex
+    from mediret.index import SearchIndex
+    from mediret.index.exact import ExactScan
 
     X = vs.X.astype(np.float32)
     hnsw = faiss.IndexIDMap2(faiss.IndexHNSWFlat(X.shape[1], 16, faiss.METRIC_INNER_PRODUCT))
@@ -595,12 +657,12 @@ def test_target_recall_tunes_hnsw_and_keys_the_cache(vs, tmp_path):
         # a smaller efSearch reaches less: the tuning did not stop early for nothing
         strict.params["efSearch"] = loose.params["efSearch"]
         rows = np.random.default_rng(5).choice(len(vs.X), 200, replace=False)
-        from mediret.search import recall_at_k
+        from mediret.index import recall_at_k
 
         assert recall_at_k(strict, vs.X[rows], rows, vs.X, np.arange(len(vs.X)), (10,))[10] < 0.995
     with pytest.raises(SearchError, match="target recall"):
         with Store.open(path) as store:
-            search_module.build_index(store, "hnsw", target_recall=1.5)
+            index_cache.build_index(store, "hnsw", target_recall=1.5)
 
 
 def test_cli_target_recall_reaches_the_index(vs, tmp_path):
@@ -623,7 +685,9 @@ def test_cli_target_recall_reaches_the_index(vs, tmp_path):
 def test_tuning_asks_the_target_of_the_recall_minus_its_standard_error(monkeypatch):
     """A setting whose mean recall just reaches the target, but not with the margin of
     standard errors to spare, is not taken: it would fall under the target on other queries."""
-    from mediret.search import SearchIndex, _tune_hnsw, _tune_ivf_pq
+    from mediret.index import SearchIndex
+    from mediret.index.hnsw import tune as _tune_hnsw
+    from mediret.index.ivf_pq import tune as _tune_ivf_pq
 
     def fake_recall(mean_of):
         def recall10(index, *args):
@@ -631,12 +695,12 @@ def test_tuning_asks_the_target_of_the_recall_minus_its_standard_error(monkeypat
             return mean, mean - 0.01, 1.0 / index.params.get("nprobe", 1)  # more nprobe: slower
         return recall10
 
-    monkeypatch.setattr(search_module, "_recall10", fake_recall(lambda p: 0.9 + 0.016 * math.log2(p["nprobe"])))
+    monkeypatch.setattr(recall_module, "recall10", fake_recall(lambda p: 0.9 + 0.016 * math.log2(p["nprobe"])))
     ivf = SearchIndex("ivf-pq", None, None, params={"nlist": 100, "target_recall": 0.95})
     _tune_ivf_pq(ivf, *[None] * 5)
     # mean 0.946 / 0.957 / 0.964 at nprobe 8 / 12 / 16: 12 reaches 0.95 on the mean, 16 with the margin
     assert ivf.params["nprobe"] == 16
-    monkeypatch.setattr(search_module, "_recall10", fake_recall(lambda p: 0.95 + p["efSearch"] / 1000))
+    monkeypatch.setattr(recall_module, "recall10", fake_recall(lambda p: 0.95 + p["efSearch"] / 1000))
     hnsw = SearchIndex("hnsw", None, None, params={"target_recall": 0.985})
     _tune_hnsw(hnsw, *[None] * 5)
     # mean 0.982 / 0.990 / 0.998 at efSearch 32 / 40 / 48: 40 reaches 0.985 on the mean, 48 with the margin
@@ -648,7 +712,8 @@ def test_recall10_reports_the_mean_and_the_mean_minus_the_margin_of_standard_err
     between queries), against a per-query count made here with numpy."""
     import faiss
 
-    from mediret.search import SearchIndex, _exact_scores, _recall10
+    from mediret.index import SearchIndex
+    from mediret.index.recall import exact_scores as _exact_scores, recall10 as _recall10
 
     X = vs.X.astype(np.float32)
     ids = np.arange(len(X), dtype=np.int64)
@@ -669,13 +734,13 @@ def test_recall10_reports_the_mean_and_the_mean_minus_the_margin_of_standard_err
     assert 0.3 < np.mean(per_query) < 0.99  # recall that varies, so the error is not 0
     assert mean == pytest.approx(np.mean(per_query))
     error = np.std(per_query, ddof=1) / np.sqrt(len(rows))
-    assert mean - lower == pytest.approx(search_module.RECALL_MARGIN * error)
-    assert search_module.RECALL_MARGIN >= 1
+    assert mean - lower == pytest.approx(recall_module.RECALL_MARGIN * error)
+    assert recall_module.RECALL_MARGIN >= 1
     assert seconds > 0
 
 
 def test_opq_iterations_shrink_with_the_square_of_the_dimension():
-    from mediret.search import OPQ_ITERATIONS, OPQ_MIN_ITERATIONS, opq_iterations
+    from mediret.index.ivf_pq import OPQ_ITERATIONS, OPQ_MIN_ITERATIONS, opq_iterations
 
     assert opq_iterations(32) == opq_iterations(512) == OPQ_ITERATIONS
     assert opq_iterations(1024) == round(OPQ_ITERATIONS / 4)
@@ -686,7 +751,7 @@ def test_ivf_pq_on_fewer_vectors_than_dimensions_builds_without_opq():
     """300 x 512 (PAD-UFES-20 is 686 x 1280): FAISS's OPQ training aborts the process on fewer
     vectors than dimensions, so the index is built without the rotation, and still finds
     the exact neighbours of the stored vectors."""
-    from mediret.search import build_from_vectors
+    from mediret.index import build_from_vectors
 
     rng = np.random.default_rng(4)
     centres = rng.standard_normal((6, 512)).astype(np.float32)

@@ -13,7 +13,8 @@ from mediret.errors import StoreError
 from mediret.ingest import assign_splits
 from mediret.records import ImageRecord
 from mediret.splits import check_group_disjoint
-from mediret.store import DB_FILE, EncoderInfo, Store, _write_index_atomic
+from mediret.store import DB_FILE, EncoderInfo, Store
+from mediret.store.vectors import write_index_atomic as _write_index_atomic
 
 from .conftest import HAM, environ_without, read_csv, requires_data
 

@@ -13,6 +13,8 @@ from ..errors import MediretError
 
 DEFAULT_STORE = "indexes/default"
 DEFAULT_ENCODER = "efficientnet-lite0"
+# Kept literal so that `mediret --help` imports no numpy; a test checks it against the store's.
+SPLIT_SCHEMES = ("random", "group", "given")
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 

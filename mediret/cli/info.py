@@ -22,12 +22,10 @@ def info(store_path, problems, output_format):
 
     with Store.open(store_path) as store:
         summary = store.info()
-        listed = store.sql("SELECT ingest_run, kind, path, reason FROM problems "
-                           "ORDER BY ingest_run, kind, path") if problems else []
+        listed = store.problems() if problems else []
     if output_format == "json":
         if problems:
-            summary["problem_list"] = [dict(zip(("run", "kind", "path", "reason"), r))
-                                       for r in listed]
+            summary["problem_list"] = [vars(p) for p in listed]
         print_json(summary)
         return
     enc = summary["encoder"]
@@ -43,8 +41,8 @@ def info(store_path, problems, output_format):
         click.echo(f"split      {scheme}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     if summary["problems"]:
         click.echo("problems   " + ", ".join(f"{k} {v}" for k, v in summary["problems"].items()))
-    for run, kind, path, reason in listed:
-        click.echo(f"  run {run} {kind}: {path}: {reason}")
+    for p in listed:
+        click.echo(f"  run {p.run} {p.kind}: {p.path}: {p.reason}")
 
 
 @cli.command()

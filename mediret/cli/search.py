@@ -7,14 +7,9 @@ from pathlib import Path
 import click
 
 from ..errors import SearchError
-from .common import (cli, output_format_option, parse_ks, print_json, print_table, store_option,
-                     user_errors)
-
-
-# Kept literal so that `mediret --help` imports no numpy; tests check them against search.py.
-INDEX_KINDS = ("exact", "hnsw", "ivf-pq")
-SPLIT_SCHEMES = ("random", "group", "given")
-SIMILARITY_TEXT = "cosine similarity on L2-normalised vectors (inner product)"
+from ..index.kinds import KINDS, SIMILARITY, kind_names
+from .common import (SPLIT_SCHEMES, cli, output_format_option, parse_ks, print_json, print_table,
+                     store_option, user_errors)
 
 
 def index_options(func):
@@ -22,24 +17,25 @@ def index_options(func):
     func = click.option(
         "--target-recall", type=click.FloatRange(0.5, 1.0), default=None,
         help="recall@10 against exact search that the approximate index is tuned to (HNSW's "
-             "efSearch; IVF-PQ's nprobe and shortlist). Lower is faster. Default: 0.99 for hnsw, "
-             "0.95 for ivf-pq.")(func)
+             "efSearch; IVF-PQ's nprobe and shortlist). Lower is faster. Default: "
+             + ", ".join(f"{k.target_recall} for {k.name}" for k in KINDS.values() if k.approximate)
+             + ".")(func)
     func = click.option(
         "--rebuild-index", is_flag=True,
         help="Rebuild the approximate index even if a cached one fits the store.")(func)
     return click.option(
-        "--index", "index_kind", type=click.Choice(INDEX_KINDS), default="exact", show_default=True,
-        help="exact: flat inner product over every vector. hnsw / ivf-pq: approximate, built from "
-             "the stored vectors on first use (recall against exact is reported) and cached in "
-             "the store directory.")(func)
+        "--index", "index_kind", type=click.Choice(kind_names()), default="exact", show_default=True,
+        help="; ".join(f"{k.name}: {k.summary}" for k in KINDS.values())
+             + ". Approximate kinds are built from the stored vectors on first use (recall against "
+               "exact is reported) and cached in the store directory.")(func)
 
 
 def _open_search_index(store, kind: str, rebuild: bool, target_recall: float | None = None):
-    from ..search import TARGET_RECALL, open_index
+    from ..index import open_index
 
     def announce(n: int) -> None:
         click.echo(f"building {kind} index over {n:,} vectors (tuned to recall@10 "
-                   f"{target_recall or TARGET_RECALL[kind]}; cached in the store for later searches)...",
+                   f"{target_recall or KINDS[kind].target_recall}; cached in the store for later searches)...",
                    err=True)
 
     index = open_index(store, kind, rebuild=rebuild, target_recall=target_recall, on_build=announce)
@@ -67,6 +63,10 @@ def _open_search_index(store, kind: str, rebuild: bool, target_recall: float | N
 @click.option("--split-scheme", type=click.Choice(SPLIT_SCHEMES), default=None,
               help="Split scheme --split refers to [default: given when the dataset has one, "
                    "else group].")
+@click.option("--field", "fields", multiple=True, metavar="FIELD=VALUE",
+              help="Only images whose metadata field (or column image_id, dataset, group_id, "
+                   "given_split, width, height) matches: sex=male, age>=60, localization=back|trunk "
+                   "(any of), localization~arm (contains); operators = != < <= > >= ~. Repeatable.")
 @click.option("--where", default=None,
               help="SQL condition over the images table, e.g. \"meta->>'sex' = 'male'\" "
                    "(columns: id, image_id, source, dataset, group_id, given_split, width, "
@@ -88,7 +88,7 @@ def _open_search_index(store, kind: str, rebuild: bool, target_recall: float | N
                    "one sheet each, numbered: hits.png -> hits-1.png, hits-2.png, ...).")
 @output_format_option
 @user_errors
-def search(images, store_path, image_ids, k, labels, split, split_scheme, where, groups,
+def search(images, store_path, image_ids, k, labels, split, split_scheme, fields, where, groups,
            exclude_group, group_of, index_kind, rebuild_index, target_recall, weights, device, sheet,
            output_format):
     """Find the stored images most similar to IMAGES (files) or to stored images (--id).
@@ -108,11 +108,12 @@ def search(images, store_path, image_ids, k, labels, split, split_scheme, where,
       mediret search query.jpg --label mel --split train --sheet hits.png
       mediret search new/*.jpg -k 5 --format json > hits.json
       mediret search --id ISIC_0024306 -k 5 --exclude-group
+      mediret search --id ISIC_0024306 --field sex=male --field age>=50
       mediret search --id ISIC_0024306 --where "meta->>'sex' = 'male'" --format json
     """
-    from ..search import Filters, query_from_id
+    from ..query import query_from_id
     from ..search import search as run_search
-    from ..store import Store
+    from ..store import FieldCondition, Filters, Store
 
     if bool(images) == bool(image_ids):
         raise click.UsageError("give either IMAGE files or --id IMAGE_ID (one of them)")
@@ -120,8 +121,12 @@ def search(images, store_path, image_ids, k, labels, split, split_scheme, where,
         raise click.UsageError("--group-of is for image-file queries; --id uses the stored group")
     if group_of and len(images) > 1:
         raise click.UsageError("--group-of applies to a single image-file query")
+    try:
+        conditions = tuple(FieldCondition.parse(text) for text in fields)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--field") from None
     filters = Filters(labels=tuple(labels), split=split, split_scheme=split_scheme, where=where,
-                      groups=tuple(groups))
+                      groups=tuple(groups), fields=conditions)
     given, failed = len(images or image_ids), []
     with Store.open(store_path) as store:
         index = _open_search_index(store, index_kind, rebuild_index, target_recall)
@@ -155,7 +160,7 @@ def _file_queries(store, images: tuple[str, ...], weights, group_of, device) -> 
     weights) stop the command. A file that cannot be read is reported and skipped,
     unless it is the only one.
     """
-    from ..search import query_file, query_from_file, store_encoder
+    from ..query import QueryEncoder, query_file, query_from_file
 
     queries, failed, encoder = [], [], None
 
@@ -172,12 +177,14 @@ def _file_queries(store, images: tuple[str, ...], weights, group_of, device) -> 
             skip(image, exc)
             continue
         if encoder is None:
-            encoder = store_encoder(store, weights, device)
+            encoder = QueryEncoder(store, weights, device)
+            encoder.encoder  # loads now: its errors (the store's weights) stop the command
         try:
-            queries.append((n, query_from_file(store, image, weights=weights, group_of=group_of,
-                                               device=device, encoder=encoder)))
+            queries.append((n, query_from_file(store, image, group_of=group_of, encoder=encoder)))
         except SearchError as exc:
             skip(image, exc)
+    for warning in encoder.warnings if encoder is not None else ():
+        click.echo(f"warning: {warning}", err=True)
     return queries, failed
 
 
@@ -200,7 +207,7 @@ def _print_search_result(result) -> None:
                       f"group {query.image.group_id or '-'})")
     click.echo(f"query      {described}")
     click.echo(f"searched   {result.candidates} images with {result.index_used} "
-               f"{'' if result.index_used == 'exact' else 'index '}ranking by {SIMILARITY_TEXT}"
+               f"{'' if result.index_used == 'exact' else 'index '}ranking by {SIMILARITY}"
                + (f"; left out: {_group_text(result.excluded_group)}" if result.excluded_group
                   else ""))
     print_table([{"rank": h.rank, "id": h.image.image_id, "label": ", ".join(h.image.labels),
@@ -286,7 +293,7 @@ def _print_retrieval(evaluation) -> None:
                   **{c: _percent(getattr(m, c)) for c in RETRIEVAL_COLUMNS[:-1]}}
                  for name, entries in metrics.per_class.items() for m in entries])
     click.echo("\ndefinitions")
-    click.echo(f"  similarity: {SIMILARITY_TEXT}")
+    click.echo(f"  similarity: {SIMILARITY}")
     for name, text in metrics.definitions.items():
         click.echo(f"  {name}: {text}")
 

@@ -1,123 +1,42 @@
-"""A store: one FAISS index and one DuckDB database under one directory, kept consistent.
+"""A store: one encoder's FAISS vectors and the DuckDB database of its images, kept consistent.
 
 Layout of a store directory::
 
-    mediret.duckdb        images, labels, splits, problems, ingest runs, encoder provenance
+    mediret.duckdb        images, labels, splits, problems, ingest runs, encoder provenance,
+                          classifiers
     <encoder>.faiss       IndexIDMap2 over a flat inner-product index (plain ``faiss.read_index``)
 
 One integer ``id`` links a FAISS vector to its ``images`` row. DuckDB is the
-commit point: :meth:`Store.commit` first replaces the index file atomically
-(write to a temporary file, fsync, rename), then commits the DuckDB
-transaction that adds the rows. A crash between the two leaves vectors whose
-ids DuckDB does not know; :meth:`Store.open` removes them, so a reopened store
-always holds exactly the vectors of its committed rows.
+commit point: :meth:`Store.commit` first replaces the index file atomically,
+then commits the DuckDB transaction that adds the rows. A crash between the two
+leaves vectors whose ids DuckDB does not know; :meth:`Store.open` removes them,
+so a reopened store always holds exactly the vectors of its committed rows.
+
+The store owns its SQL: every other module asks it through the verbs below
+(which return numpy arrays or small dataclasses); ``sql`` is for inspection and
+tests only.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
-import os
-import threading
-import weakref
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+import weakref
 
 import numpy as np
 
-from .allocator import limit_arenas
-from .errors import StoreError
-from .records import ImageRecord, Problem
+from ..errors import SearchError, StoreError
+from ..records import ImageRecord, Problem
+from . import _duckdb
+from .classifiers import ClassifierTable
+from .filters import FIELD_COLUMNS, OPERATORS, Filters, field_sql
+from .schema import DB_FILE, IMAGE_COLUMNS, IMAGE_TYPES, SCHEMA_VERSION, TABLES
+from .vectors import VectorFile
 
-DB_FILE = "mediret.duckdb"
-SCHEMA_VERSION = 1
-# DuckDB's worker threads, after half a second idle, call glibc's malloc_trim, which
-# hands every freed heap page back to the OS, the activation buffers mediret.allocator
-# keeps for the encoder included: the next forward pass page-faults them in again
-# (tens of thousands of faults after each commit of an ingest; BENCHMARKS.md part 2).
-# The store's queries are small, so DuckDB runs them on the calling thread alone.
-DB_CONFIG = {"threads": 1}
-# DuckDB calls malloc_trim each time it starts a database instance (as it launches its
-# threads) and closes one: a store opened or closed in a process whose encoder has run
-# costs its next forward pass the same page faults (200,000 for EfficientNet-Lite0's two
-# forward streams, about 0.2 s). So the process keeps one in-memory instance, started
-# with the first store, and each open store's file is attached to it (_connect).
-_instance: Any = None
-_attached: dict[str, "_Attachment"] = {}
-_attach_lock = threading.RLock()  # a store collected (finalized) inside _connect closes in the same thread
-_aliases = itertools.count()
-
-
-@dataclass
-class _Attachment:
-    alias: str
-    read_only: bool
-    users: int = 0
-
-
-def _connect(db_file: Path, read_only: bool):
-    """A DuckDB connection whose default database is ``db_file``, and the key to release it with.
-
-    A cursor of the process's one instance (see ``_instance``), the file attached
-    to it under an alias; stores of the same file share the attachment, in the
-    same mode (as DuckDB's own connections to one file must).
-    """
-    import duckdb
-
-    global _instance
-    key = os.path.realpath(db_file)
-    with _attach_lock:
-        if _instance is None:
-            limit_arenas()  # DuckDB's start makes an arena glibc would later hand to an encoder's thread
-            _instance = duckdb.connect(":memory:", config=DB_CONFIG)
-        attachment = _attached.get(key)
-        if attachment is None:
-            alias = f"store_{next(_aliases)}"
-            quoted = "'" + key.replace("'", "''") + "'"
-            _instance.execute(f"ATTACH {quoted} AS {alias}" + (" (READ_ONLY)" if read_only else ""))
-            attachment = _attached[key] = _Attachment(alias, read_only)
-        elif attachment.read_only != read_only:
-            mode = "read-only" if attachment.read_only else "for writing"
-            raise StoreError(f"{db_file.parent} is open {mode} in this process already; close it first")
-        con = _instance.cursor()
-        con.execute(f"USE {attachment.alias}")
-        attachment.users += 1  # counted once the connection exists: _disconnect releases exactly these
-    return con, key
-
-
-def _disconnect(con, key: str) -> None:
-    """Close a ``_connect`` connection; the last one of a file detaches it (DuckDB checkpoints it then)."""
-    con.close()
-    with _attach_lock:
-        attachment = _attached[key]
-        attachment.users -= 1
-        if attachment.users == 0:
-            del _attached[key]
-            _instance.execute(f"DETACH {attachment.alias}")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS store_info (key TEXT PRIMARY KEY, value TEXT);
-CREATE TABLE IF NOT EXISTS encoders (
-    name TEXT PRIMARY KEY, dim INTEGER, preprocess TEXT, weights_source TEXT,
-    metric TEXT, index_file TEXT, created_at TIMESTAMP);
-CREATE TABLE IF NOT EXISTS images (
-    id BIGINT PRIMARY KEY, image_id TEXT UNIQUE, source TEXT, dataset TEXT,
-    group_id TEXT, given_split TEXT, content_hash TEXT, width INTEGER, height INTEGER,
-    meta JSON, ingest_run INTEGER);
-CREATE TABLE IF NOT EXISTS labels (id BIGINT, label TEXT);
-CREATE TABLE IF NOT EXISTS label_names (label TEXT PRIMARY KEY, position INTEGER);
-CREATE TABLE IF NOT EXISTS splits (id BIGINT, scheme TEXT, split TEXT, PRIMARY KEY (id, scheme));
-CREATE TABLE IF NOT EXISTS problems (
-    ingest_run INTEGER, path TEXT, kind TEXT, reason TEXT);
-CREATE TABLE IF NOT EXISTS ingest_runs (
-    run INTEGER PRIMARY KEY, root TEXT, format TEXT, started_at TIMESTAMP,
-    finished_at TIMESTAMP, added INTEGER, skipped INTEGER, problems INTEGER, seed INTEGER);
-CREATE OR REPLACE VIEW groups AS
-    SELECT group_id, count(*) AS n_images FROM images
-    WHERE group_id IS NOT NULL GROUP BY group_id;
-"""
+SPLIT_SCHEMES = ("random", "group", "given")
 
 
 @dataclass(frozen=True)
@@ -161,6 +80,27 @@ class LabelledMatrix:
     groups: np.ndarray
 
 
+@dataclass(frozen=True)
+class RecordedProblem:
+    """An input problem kept in the store's ``problems`` table, with the ingest run that met it."""
+
+    run: int
+    kind: str
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SplitKey:
+    """What split assignment needs of one image: its ids, group, given split and first label."""
+
+    id: int
+    image_id: str
+    group_id: str | None
+    given_split: str | None
+    first_label: str | None
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
@@ -174,16 +114,18 @@ class Store:
             X = store.vectors(ids)
     """
 
-    def __init__(self, path: Path, connection: tuple[Any, str], encoder: EncoderInfo, index, read_only: bool):
+    def __init__(self, path: Path, connection: tuple[Any, str], encoder: EncoderInfo,
+                 vector_file: VectorFile, read_only: bool):
         self.path = path
         self._con = connection[0]
         self.encoder = encoder
-        self.index = index
+        self._vectors = vector_file
         self.read_only = read_only
+        self.classifiers = ClassifierTable(self._con)
         self._pending_rows: list[tuple] = []
         self._pending_labels: list[tuple[int, str]] = []
         self._next_id = self._scalar("SELECT coalesce(max(id), -1) + 1 FROM images")
-        self._disconnect = weakref.finalize(self, _disconnect, *connection)  # at close, or when collected
+        self._disconnect = weakref.finalize(self, _duckdb.disconnect, *connection)  # at close, or when collected
 
     # ---- opening -----------------------------------------------------------------
 
@@ -195,22 +137,20 @@ class Store:
     def create(cls, path: str | Path, encoder: EncoderInfo) -> "Store":
         """Create an empty store for ``encoder`` (the directory may exist but not hold a store)."""
         import duckdb
-        import faiss
 
         path = Path(path)
         if cls.exists(path):
             raise StoreError(f"{path} already holds a store; open it instead")
         path.mkdir(parents=True, exist_ok=True)
         try:
-            connection = _connect(path / DB_FILE, read_only=False)
+            connection = _duckdb.connect(path / DB_FILE, read_only=False)
         except duckdb.Error as exc:
             raise StoreError(f"cannot create {path / DB_FILE}: {exc}") from exc
         try:
             con = connection[0]
-            con.execute(_SCHEMA)
+            con.execute(TABLES)
             index_file = f"{encoder.name}.faiss"
-            index = faiss.IndexIDMap2(faiss.IndexFlatIP(encoder.dim))
-            _write_index_atomic(index, path / index_file)
+            vector_file = VectorFile.create(path / index_file, encoder.dim)
             con.execute("BEGIN")
             con.execute("INSERT INTO store_info VALUES ('schema_version', ?), ('created_at', ?)",
                         [str(SCHEMA_VERSION), _now().isoformat()])
@@ -218,16 +158,15 @@ class Store:
                         [encoder.name, encoder.dim, encoder.preprocess, encoder.weights_source,
                          index_file, _now()])
             con.execute("COMMIT")
-            return cls(path, connection, encoder, index, read_only=False)
+            return cls(path, connection, encoder, vector_file, read_only=False)
         except BaseException:
-            _disconnect(*connection)
+            _duckdb.disconnect(*connection)
             raise
 
     @classmethod
     def open(cls, path: str | Path, read_only: bool = True) -> "Store":
         """Open a store, repairing vectors a crash left without rows, and check it is consistent."""
         import duckdb
-        import faiss
 
         path = Path(path)
         if not cls.exists(path):
@@ -235,7 +174,7 @@ class Store:
                 f"no store at {path} (looked for {path / DB_FILE}); "
                 "create one with `mediret ingest DATASET --store PATH`")
         try:
-            connection = _connect(path / DB_FILE, read_only=read_only)
+            connection = _duckdb.connect(path / DB_FILE, read_only=read_only)
         except duckdb.Error as exc:
             raise StoreError(f"cannot open {path / DB_FILE}: {exc}") from exc
         try:
@@ -247,37 +186,33 @@ class Store:
             index_path = path / row[4]
             if not index_path.is_file():
                 raise StoreError(f"{path} lacks its index file {index_path.name}")
-            index = faiss.read_index(str(index_path))
-            store = cls(path, connection, encoder, index, read_only=read_only)
+            store = cls(path, connection, encoder, VectorFile.load(index_path), read_only=read_only)
         except BaseException:
-            _disconnect(*connection)
+            _duckdb.disconnect(*connection)
             raise
         try:
-            store._reconcile(index_path)
+            store._reconcile()
         except BaseException:
             store._disconnect()
             raise
         return store
 
-    def _reconcile(self, index_path: Path) -> None:
+    def _reconcile(self) -> None:
         """Make the index hold exactly the vectors of committed rows (see module docstring)."""
-        import faiss
-
-        index_ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)
-        db_ids = np.array([r[0] for r in self._con.execute("SELECT id FROM images").fetchall()],
-                          dtype=np.int64)
+        index_ids = self._vectors.ids()
+        db_ids = self._id_column("SELECT id FROM images")
         orphans = np.setdiff1d(index_ids, db_ids)
         missing = np.setdiff1d(db_ids, index_ids)
         if len(missing):
             raise StoreError(
-                f"{self.path}: {len(missing)} image rows have no vector in {index_path.name} "
+                f"{self.path}: {len(missing)} image rows have no vector in {self._vectors.path.name} "
                 "(was the index file replaced?); re-ingest into a new store")
         if len(orphans):
-            self.index.remove_ids(faiss.IDSelectorBatch(orphans))
+            self._vectors.remove(orphans)
             if not self.read_only:
-                _write_index_atomic(self.index, index_path)
-        if self.index.ntotal != len(db_ids):
-            raise StoreError(f"{self.path}: index holds {self.index.ntotal} vectors "
+                self._vectors.write()
+        if len(self._vectors) != len(db_ids):
+            raise StoreError(f"{self.path}: index holds {len(self._vectors)} vectors "
                              f"but the database {len(db_ids)} images")
 
     def close(self) -> None:
@@ -304,8 +239,7 @@ class Store:
 
         Returns the ids given to the records, in order.
         """
-        if self.read_only:
-            raise StoreError(f"{self.path} is open read-only")
+        self._check_writable()
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.encoder.dim:
             raise StoreError(f"vectors of shape {vectors.shape} do not fit this store "
@@ -322,19 +256,18 @@ class Store:
                 int(i), record.image_id, record.source, dataset, record.group, record.split,
                 digest, width, height, json.dumps(record.meta, default=str), ingest_run))
             self._pending_labels.extend((int(i), label) for label in record.labels)
-        self.index.add_with_ids(vectors, ids)
+        self._vectors.add(vectors, ids)
         return ids
 
     def commit(self) -> None:
         """Make everything added so far durable: index file first, then the DuckDB rows."""
-        if self.read_only:
-            raise StoreError(f"{self.path} is open read-only")
-        _write_index_atomic(self.index, self.path / self.index_file)
+        self._check_writable()
+        self._vectors.write()
         con = self._con
         con.execute("BEGIN")
         try:
-            _insert_columns(con, "images", self._pending_rows, _IMAGE_TYPES)
-            _insert_columns(con, "labels", self._pending_labels, ("BIGINT", "TEXT"))
+            _duckdb.insert_columns(con, "images", self._pending_rows, IMAGE_TYPES)
+            _duckdb.insert_columns(con, "labels", self._pending_labels, ("BIGINT", "TEXT"))
             con.execute("COMMIT")
         except Exception:
             con.execute("ROLLBACK")
@@ -342,20 +275,24 @@ class Store:
         self._pending_rows.clear()
         self._pending_labels.clear()
 
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise StoreError(f"{self.path} is open read-only")
+
     def set_label_names(self, names: Iterable[str]) -> None:
         """Record the dataset's label vocabulary (merged with what is there, order kept)."""
         known = self.label_names()
         new = [n for n in names if n not in known]
-        _insert_columns(self._con, "label_names",
-                        [(n, len(known) + i) for i, n in enumerate(new)], ("TEXT", "INTEGER"))
+        _duckdb.insert_columns(self._con, "label_names",
+                               [(n, len(known) + i) for i, n in enumerate(new)], ("TEXT", "INTEGER"))
 
     def set_splits(self, scheme: str, ids: np.ndarray, split: Sequence[str]) -> None:
         """Replace the split assignment of ``scheme`` for ``ids``."""
         con = self._con
         con.execute("BEGIN")
         con.execute("DELETE FROM splits WHERE scheme = ?", [scheme])
-        _insert_columns(con, "splits", [(int(i), scheme, str(s)) for i, s in zip(ids, split)],
-                        ("BIGINT", "TEXT", "TEXT"))
+        _duckdb.insert_columns(con, "splits", [(int(i), scheme, str(s)) for i, s in zip(ids, split)],
+                               ("BIGINT", "TEXT", "TEXT"))
         con.execute("COMMIT")
 
     def start_run(self, root: str, fmt: str, seed: int) -> int:
@@ -368,31 +305,47 @@ class Store:
         con = self._con
         con.execute("BEGIN")
         if problems:
-            _insert_columns(con, "problems", [(run, p.path, p.kind, p.reason) for p in problems],
-                            ("INTEGER", "TEXT", "TEXT", "TEXT"))
+            _duckdb.insert_columns(con, "problems", [(run, p.path, p.kind, p.reason) for p in problems],
+                                   ("INTEGER", "TEXT", "TEXT", "TEXT"))
         con.execute("UPDATE ingest_runs SET finished_at = ?, added = ?, skipped = ?, problems = ? "
                     "WHERE run = ?", [_now(), added, skipped, len(problems), run])
         con.execute("COMMIT")
 
-    # ---- reading -----------------------------------------------------------------
+    def set_info(self, key: str, value: str) -> None:
+        self._con.execute("INSERT OR REPLACE INTO store_info VALUES (?, ?)", [key, value])
+
+    # ---- reading: images ---------------------------------------------------------
+
+    @property
+    def index(self):
+        """The exact FAISS index over every vector (an ``IndexIDMap2`` over ``IndexFlatIP``)."""
+        return self._vectors.index
 
     @property
     def index_file(self) -> str:
-        return self._scalar("SELECT index_file FROM encoders")
+        return self._vectors.path.name
 
     def sql(self, query: str, params: Sequence[Any] | None = None) -> list[tuple]:
-        """Run a read query against the store's DuckDB database."""
+        """Run a query against the store's DuckDB database: for inspection and tests; the
+        library itself goes through the verbs of this class."""
         return self._con.execute(query, params or []).fetchall()
 
     def _scalar(self, query: str, params: Sequence[Any] | None = None):
         return self._con.execute(query, params or []).fetchone()[0]
 
+    def _id_column(self, query: str, params: Sequence[Any] | None = None) -> np.ndarray:
+        return np.array([r[0] for r in self.sql(query, params)], dtype=np.int64)
+
     def __len__(self) -> int:
         return int(self._scalar("SELECT count(*) FROM images"))
 
     def ids(self) -> np.ndarray:
-        return np.array([r[0] for r in self.sql("SELECT id FROM images ORDER BY id")],
-                        dtype=np.int64)
+        """Every stored id, ascending."""
+        return self._id_column("SELECT id FROM images ORDER BY id")
+
+    def vector_ids(self) -> np.ndarray:
+        """The ids the vectors are stored under, ascending (those of ``ids`` once opened)."""
+        return np.sort(self._vectors.ids())
 
     def image_ids(self) -> set[str]:
         return {r[0] for r in self.sql("SELECT image_id FROM images")}
@@ -403,14 +356,33 @@ class Store:
             "SELECT content_hash, min(id), arg_min(image_id, id) FROM images "
             "WHERE content_hash IS NOT NULL GROUP BY content_hash")}
 
+    def content_hashes(self, ids: Sequence[int] | np.ndarray) -> list[str]:
+        """The content hashes of ``ids`` that have one (in no particular order)."""
+        return [r[0] for r in self.sql(
+            "SELECT content_hash FROM images WHERE content_hash IS NOT NULL "
+            "AND id IN (SELECT unnest(?))", [[int(i) for i in ids]])]
+
+    def find_by_hash(self, content_hash: str) -> StoredImage | None:
+        """The first stored image whose bytes have ``content_hash``, or None."""
+        return self._first("SELECT min(id) FROM images WHERE content_hash = ?", [content_hash])
+
+    def find_by_source(self, *sources: str) -> StoredImage | None:
+        """The first stored image whose source is one of ``sources``, or None."""
+        return self._first("SELECT min(id) FROM images WHERE source IN (SELECT unnest(?))", [list(sources)])
+
+    def _first(self, query: str, params: list) -> StoredImage | None:
+        found = self._scalar(query, params)
+        return None if found is None else self.records([found])[0]
+
     def label_names(self) -> list[str]:
         return [r[0] for r in self.sql("SELECT label FROM label_names ORDER BY position")]
 
+    def labels_in_use(self) -> set[str]:
+        """Every label an image carries or the dataset defines."""
+        return set(self.label_names()) | {r[0] for r in self.sql("SELECT DISTINCT label FROM labels")}
+
     def is_multilabel(self) -> bool:
         return self.get_info("multilabel") == "true"
-
-    def set_info(self, key: str, value: str) -> None:
-        self._con.execute("INSERT OR REPLACE INTO store_info VALUES (?, ?)", [key, value])
 
     def get_info(self, key: str) -> str | None:
         row = self.sql("SELECT value FROM store_info WHERE key = ?", [key])
@@ -418,13 +390,7 @@ class Store:
 
     def vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """The stored vectors of ``ids``, reconstructed from the FAISS index."""
-        ids = np.asarray(ids, dtype=np.int64)
-        if len(ids) == 0:
-            return np.zeros((0, self.encoder.dim), dtype=np.float32)
-        try:
-            return self.index.reconstruct_batch(ids)
-        except RuntimeError as exc:
-            raise StoreError(f"some ids are not in the index: {exc}") from exc
+        return self._vectors.get(np.asarray(ids, dtype=np.int64))
 
     def records(self, ids: Sequence[int] | np.ndarray) -> list[StoredImage]:
         """Image rows for ``ids`` in the order given (one batched query)."""
@@ -451,8 +417,101 @@ class Store:
             raise StoreError(f"no image '{image_id}' in {self.path}")
         return int(row[0][0])
 
+    def ids_in_group(self, group_id: str) -> np.ndarray:
+        """Ids of every image of one group (patient/lesion), ascending."""
+        return self._id_column("SELECT id FROM images WHERE group_id = ? ORDER BY id", [group_id])
+
+    # ---- reading: splits and filters -----------------------------------------------
+
     def split_schemes(self) -> list[str]:
         return [r[0] for r in self.sql("SELECT DISTINCT scheme FROM splits ORDER BY scheme")]
+
+    def split_values(self, scheme: str) -> list[str]:
+        """The split names of ``scheme`` (e.g. test, train), sorted; empty for an unknown scheme."""
+        return [r[0] for r in self.sql(
+            "SELECT DISTINCT split FROM splits WHERE scheme = ? ORDER BY 1", [scheme])]
+
+    def default_split_scheme(self) -> str:
+        """The dataset's own split when it has one (MedMNIST), else the group-aware one."""
+        schemes = self.split_schemes()
+        for scheme in ("given", "group", "random"):
+            if scheme in schemes:
+                return scheme
+        raise SearchError(f"{self.path} has no train/test split; re-run `mediret ingest`")
+
+    def split_keys(self) -> list[SplitKey]:
+        """What split assignment needs of every image, by id."""
+        return [SplitKey(*row) for row in self.sql(
+            "SELECT i.id, i.image_id, i.group_id, i.given_split, "
+            "  (SELECT min(l.label) FROM labels l WHERE l.id = i.id) "
+            "FROM images i ORDER BY i.id")]
+
+    def field_names(self) -> list[str]:
+        """What a ``FieldCondition`` may name: the images columns, then every metadata key."""
+        keys = {r[0] for r in self.sql(
+            "SELECT DISTINCT unnest(json_keys(meta)) FROM images WHERE meta IS NOT NULL")}
+        return [*FIELD_COLUMNS, *sorted(keys - set(FIELD_COLUMNS))]
+
+    def select_ids(self, filters: Filters) -> np.ndarray | None:
+        """Sorted ids of the images passing ``filters``; None when there are no filters.
+
+        Unknown labels, splits, groups, fields and operators raise SearchError naming the
+        valid ones; a failing ``where`` names the columns it may use.
+        """
+        import duckdb
+
+        if filters.is_empty():
+            return None
+        conditions, params = [], []
+        if filters.labels:
+            known = self.labels_in_use()
+            unknown = [label for label in filters.labels if label not in known]
+            if unknown:
+                raise SearchError(f"unknown label(s) {', '.join(unknown)}; the store has: "
+                                  f"{', '.join(sorted(known))}")
+            conditions.append("id IN (SELECT id FROM labels WHERE label IN (SELECT unnest(?)))")
+            params.append(list(filters.labels))
+        if filters.split:
+            scheme = filters.split_scheme or self.default_split_scheme()
+            values = self.split_values(scheme)
+            if not values:
+                raise SearchError(f"split scheme '{scheme}' is not in {self.path}; it has: "
+                                  f"{', '.join(self.split_schemes()) or 'none'}")
+            if filters.split not in values:
+                raise SearchError(f"split '{filters.split}' is not in scheme '{scheme}'; "
+                                  f"it has: {', '.join(values)}")
+            conditions.append("id IN (SELECT id FROM splits WHERE scheme = ? AND split = ?)")
+            params.extend([scheme, filters.split])
+        if filters.groups:
+            known_groups = {r[0] for r in self.sql(
+                "SELECT group_id FROM groups WHERE group_id IN (SELECT unnest(?))",
+                [list(filters.groups)])}
+            unknown = [g for g in filters.groups if g not in known_groups]
+            if unknown:
+                raise SearchError(f"no group {', '.join(unknown)} in {self.path}")
+            conditions.append("group_id IN (SELECT unnest(?))")
+            params.append(list(filters.groups))
+        if filters.fields:
+            names = self.field_names()
+            for condition in filters.fields:
+                if condition.field not in names:
+                    raise SearchError(f"unknown field '{condition.field}'; the store has: {', '.join(names)}")
+                if condition.operator not in OPERATORS:
+                    raise SearchError(f"unknown operator '{condition.operator}'; use one of "
+                                      f"{', '.join(OPERATORS)}")
+                sql, values = field_sql(condition)
+                conditions.append(sql)
+                params.extend(values)
+        if filters.where:
+            # In parentheses, so that the text is one expression and cannot end the statement.
+            conditions.append(f"({filters.where})")
+        query = f"SELECT id FROM images WHERE {' AND '.join(conditions)} ORDER BY id"
+        try:
+            return self._id_column(query, params)
+        except duckdb.Error as exc:
+            message = str(exc).splitlines()[0].rstrip(".!")
+            raise SearchError(f"--where {filters.where!r} failed: {message}. It is an SQL condition "
+                              f"over the images table, whose columns are {IMAGE_COLUMNS}") from exc
 
     def labelled_matrix(self, scheme: str = "random") -> LabelledMatrix:
         """Every stored vector with its labels, group and ``scheme`` split, ordered by id."""
@@ -484,6 +543,13 @@ class Store:
                               multilabel=multilabel, split=np.array([r[2] for r in rows]),
                               groups=np.array([r[1] for r in rows]))
 
+    # ---- reading: the store as a whole ---------------------------------------------
+
+    def problems(self) -> list[RecordedProblem]:
+        """Every input problem recorded at ingest, by run, kind and path."""
+        return [RecordedProblem(*row) for row in self.sql(
+            "SELECT ingest_run, kind, path, reason FROM problems ORDER BY ingest_run, kind, path")]
+
     def info(self) -> dict[str, Any]:
         """Counts per label and split, encoder, dims and size on disk."""
         size = sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
@@ -498,7 +564,7 @@ class Store:
         return {
             "path": str(self.path),
             "images": len(self),
-            "vectors": int(self.index.ntotal),
+            "vectors": len(self._vectors),
             "groups": int(self._scalar("SELECT count(*) FROM groups")),
             "datasets": [r[0] for r in self.sql("SELECT DISTINCT dataset FROM images ORDER BY 1")],
             "multilabel": self.is_multilabel(),
@@ -511,35 +577,3 @@ class Store:
             "ingest_runs": int(self._scalar("SELECT count(*) FROM ingest_runs")),
             "size_bytes": size,
         }
-
-
-_IMAGE_TYPES = ("BIGINT", "TEXT", "TEXT", "TEXT", "TEXT", "TEXT", "TEXT", "INTEGER", "INTEGER",
-                "JSON", "INTEGER")
-
-
-def _insert_columns(con, table: str, rows: Sequence[tuple], types: Sequence[str]) -> None:
-    """Insert many rows in one statement: each column travels as one list parameter.
-
-    DuckDB's executemany runs one statement per row, about 100x slower.
-    """
-    if not rows:
-        return
-    columns = [list(col) for col in zip(*rows)]
-    select = ", ".join(f"unnest(?::{t}[])" for t in types)
-    con.execute(f"INSERT INTO {table} SELECT {select}", columns)
-
-
-def _write_index_atomic(index, path: Path) -> None:
-    """Replace ``path`` with ``index`` so that a crash leaves either the old or the new file."""
-    import faiss
-
-    tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
