@@ -17,7 +17,6 @@ from mediret.cli import search as cli_module
 from mediret import search as search_module
 from mediret.index import cache as index_cache
 from mediret.index import exact as exact_module
-from mediret.index import hnsw as hnsw_module
 from mediret.index import ivf_pq as ivf_pq_module
 from mediret.index import recall as recall_module
 from mediret.cli import cli
@@ -617,7 +616,6 @@ def test_few_queries_run_faiss_on_one_thread_and_restore_the_setting(vs):
     import faiss
 
     from mediret.index import SearchIndex
-    from mediret.index.exact import ExactScan
 
     X = vs.X.astype(np.float32)
     hnsw = faiss.IndexIDMap2(faiss.IndexHNSWFlat(X.shape[1], 16, faiss.METRIC_INNER_PRODUCT))
