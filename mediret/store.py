@@ -27,7 +27,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .allocator import limit_arenas
+from .encoders._allocator import limit_arenas
 from .errors import StoreError
 from .records import ImageRecord, Problem
 

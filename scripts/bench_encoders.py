@@ -111,7 +111,7 @@ def timed_stream(encoder, batch, batch_size: int):
 def compare(name: str, weights: str | None, images: list[str], args) -> dict:
     """Time reference and optimized paths of one encoder on the same batch, each pass in a fresh process.
 
-    mediret's fast path sets process-wide allocator thresholds (``mediret.allocator``)
+    mediret's fast path sets process-wide allocator thresholds (``mediret.encoders._allocator``)
     that speed up any model in the process, so plain eager PyTorch must run in a
     process of its own to stay plain: every timed pass is a child process that
     loads its encoder, warms up on one batch and embeds the whole batch once.

@@ -488,7 +488,7 @@ def sweep_workers(args) -> list[dict]:
 def naive_in_child(images: int, naive_images: int, args) -> dict:
     """The naive loop and the eager batch-1 forward, timed in a fresh process.
 
-    A plain script would not have mediret's allocator setting (``mediret.allocator``,
+    A plain script would not have mediret's allocator setting (``mediret.encoders._allocator``,
     process-wide once an optimized encoder is loaded here), so the baselines run
     where it was never applied.
     """

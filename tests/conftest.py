@@ -14,11 +14,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from mediret.allocator import keep_freed_memory
+from mediret.encoders._allocator import keep_freed_memory
 
 # As the command line does by loading its encoder first: the allocator setting in place before
 # FAISS's or DuckDB's threads allocate, so that the encoders' forward threads share the main
-# heap (mediret.allocator) whatever the order the tests run in.
+# heap (mediret.encoders._allocator) whatever the order the tests run in.
 keep_freed_memory()
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -589,7 +589,7 @@ def test_allocator_lets_new_threads_keep_large_buffers():
     largest buffers are mapped afresh each time, and a thread that allocated before keeps that."""
     script = (
         "import sys, threading\n"
-        "from mediret.allocator import heap_keeps_large_buffers, keep_freed_memory\n"
+        "from mediret.encoders._allocator import heap_keeps_large_buffers, keep_freed_memory\n"
         "def in_thread(function):\n"
         "    out = []\n"
         "    thread = threading.Thread(target=lambda: out.append(function()))\n"
@@ -642,7 +642,7 @@ def test_allocator_keeps_freed_buffers_mapped():
     """With mediret's malloc thresholds, re-allocating a 64 MiB buffer stops page-faulting it in again."""
     script = (
         "import os, resource, sys\n"
-        "from mediret.allocator import keep_freed_memory\n"
+        "from mediret.encoders._allocator import keep_freed_memory\n"
         "applied = keep_freed_memory() if sys.argv[1] == 'on' else False\n"
         "def churn():\n"
         "    buf = bytearray(64 << 20)\n"

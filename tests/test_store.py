@@ -165,10 +165,10 @@ def _measured_in_fresh_process(script: str, path) -> str:
 
 def test_store_leaves_the_encoders_kept_buffers_mapped(tmp_path):
     """DuckDB's worker threads, idle for half a second, would malloc_trim the heap and unmap the
-    freed buffers mediret.allocator keeps for the encoder; a store runs DuckDB on one thread."""
+    freed buffers mediret.encoders._allocator keeps for the encoder; a store runs DuckDB on one thread."""
     script = (
         "import resource, sys, time\n"
-        "from mediret.allocator import keep_freed_memory\n"
+        "from mediret.encoders._allocator import keep_freed_memory\n"
         "from mediret.store import EncoderInfo, Store\n"
         "applied = keep_freed_memory()\n"
         "pins = []\n"
@@ -194,11 +194,11 @@ def test_store_leaves_the_encoders_kept_buffers_mapped(tmp_path):
 def test_opening_and_closing_stores_leaves_the_encoders_kept_buffers_mapped(tmp_path):
     """DuckDB trims the heap (malloc_trim) as it starts and ends a database instance; the process
     keeps one instance and attaches each store's file to it, so after the first store, creating,
-    opening and closing stores hands none of the freed buffers mediret.allocator keeps for the
+    opening and closing stores hands none of the freed buffers mediret.encoders._allocator keeps for the
     encoder back to the OS: the resident size does not drop by a freed 64 MiB buffer."""
     script = (
         "import sys\n"
-        "from mediret.allocator import keep_freed_memory\n"
+        "from mediret.encoders._allocator import keep_freed_memory\n"
         "from mediret.store import EncoderInfo, Store\n"
         "applied = keep_freed_memory()\n"
         "def resident_mib():\n"

@@ -33,9 +33,9 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from mediret.allocator import heap_keeps_large_buffers, keep_freed_memory
-from mediret.errors import EncoderError
-from mediret.preprocess import Preprocess, get_preset
+from ..errors import EncoderError
+from ..preprocess import Preprocess, get_preset
+from ._allocator import heap_keeps_large_buffers, keep_freed_memory
 
 if TYPE_CHECKING:
     import torch
@@ -134,9 +134,9 @@ class Encoder:
     weights_source: where the weights came from (a file path, with the package or
         cache it belongs to, or ``random``).
     optimized: whether the fast inference path (BatchNorm folded into convolutions and,
-        on CPU, convolutions fused with their activations: see ``mediret.fastpath``;
+        on CPU, convolutions fused with their activations: see ``mediret.encoders._fastpath``;
         channels-last layout; activation buffers kept by the allocator: see
-        ``mediret.allocator``) is in use; ``False`` is the plain eager reference.
+        ``mediret.encoders._allocator``) is in use; ``False`` is the plain eager reference.
     precision: ``fp32``, ``bf16 (...)`` once a bfloat16 copy of the model has
         passed its check, or ``pending bf16 check`` before the first batch.
 
@@ -247,7 +247,7 @@ class Encoder:
         of both (BENCHMARKS.md part 2). The embeddings equal ``embed_pixels``' to
         float rounding. The first batch runs alone while the bf16 check is pending,
         and everything runs inline where the threads would allocate their activations
-        afresh each batch (``mediret.allocator.heap_keeps_large_buffers``).
+        afresh each batch (``mediret.encoders._allocator.heap_keeps_large_buffers``).
         """
         pick = batch or (lambda item: item)
         pending: deque = deque()
@@ -343,7 +343,7 @@ def load_encoder(
         raise EncoderError(f"device {device!r} requested but CUDA is not available; use --device cpu")
     path, source = _resolve_weights(spec, weights)
     if optimize:
-        keep_freed_memory()  # before the build's torch threads allocate (see mediret.allocator)
+        keep_freed_memory()  # before the build's torch threads allocate (see mediret.encoders._allocator)
     built = spec.build(path)
     if built.note:
         source = f"{source} ({built.note})"
@@ -352,7 +352,7 @@ def load_encoder(
     model = built.model.eval()
     channels_last = False
     if optimize:
-        from mediret.fastpath import optimize as fast_path
+        from ._fastpath import optimize as fast_path
 
         model = fast_path(model, spec.name, spec.input_size, fuse=torch_device.type == "cpu")
         channels_last = spec.channels_last
@@ -361,7 +361,7 @@ def load_encoder(
         model = model.to(memory_format=torch.channels_last)
     bf16_model = None
     if optimize and precision == "auto" and torch_device.type == "cpu" and native_bf16():
-        from mediret.fastpath import to_bfloat16
+        from ._fastpath import to_bfloat16
 
         bf16_model = to_bfloat16(model, spec.input_size)
     streams = _forward_streams() if optimize and torch_device.type == "cpu" else 1
