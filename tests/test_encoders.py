@@ -20,7 +20,7 @@ from mediret.encoders import weights as encoder_weights
 from mediret.encoders import EncoderSpec, encoder_table, get_encoder_spec, list_encoders, load_encoder, register_encoder
 from mediret.errors import EncoderError
 
-from .conftest import environ_without, torch_threads
+from .conftest import ALLOCATOR_PROBES, REFAULTED_PAGES_AT_DEFAULT, environ_without, torch_threads
 
 torch.set_num_threads(1)  # 2 cores shared: oversubscribed OpenMP threads slow down 10x
 
@@ -628,7 +628,7 @@ def test_a_store_opened_before_the_encoder_leaves_it_two_streams(tmp_path):
         "from mediret.store import EncoderInfo, Store\n"
         "Store.create(sys.argv[1], EncoderInfo('e', 4, 'imagenet', 'random')).close()\n"
         "from mediret.encoders import load_encoder\n"
-        "encoder = load_encoder('efficientnet-lite0', precision='fp32')\n"
+        "encoder = load_encoder('efficientnet-lite0', precision='fp32', tune_allocator=True)\n"
         "list(encoder.embed_stream([np.zeros((2, 224, 224, 3), np.uint8)] * 3))\n"
         "print(torch.get_num_threads(), bool(encoder._streams))\n"
     )
@@ -666,3 +666,30 @@ def test_allocator_keeps_freed_buffers_mapped():
     pages = 10 * (64 << 20) // 4096
     assert runs["off"][1] >= pages // 2  # glibc's default: every buffer mapped afresh
     assert runs["on"][1] < pages // 20
+
+
+@pytest.mark.slow
+def test_load_encoder_leaves_the_allocator_alone_unless_asked():
+    """The tuning is process-wide, so a loaded encoder changes glibc's settings only when asked
+    (``tune_allocator=True``, as ``mediret ingest`` loads), and ``MEDIRET_MALLOC_TUNING=0`` still
+    turns it off: freed 64 MiB buffers are unmapped (faulted in again) at glibc's default."""
+    script = ALLOCATOR_PROBES + (
+        "import sys\n"
+        "from mediret.encoders import load_encoder, tune_allocator\n"
+        "if sys.argv[1] != 'no encoder':\n"
+        "    load_encoder('squeezenet1_1', weights='random', precision='fp32', tune_allocator=sys.argv[1] == 'tuned')\n"
+        "else:\n"
+        "    tune_allocator()\n"
+        "print(refaulted_pages(), arenas(), tune_allocator())\n"
+    )
+    runs = {}
+    for mode, extra in (("plain", {}), ("tuned", {}), ("no encoder", {"MEDIRET_MALLOC_TUNING": "0"})):
+        out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True,
+                             env={**environ_without("MALLOC_"), **extra}).stdout.split()
+        runs[mode] = int(out[0]), int(out[1]), out[2] == "True"
+    if not runs["tuned"][2]:
+        pytest.skip("not glibc: mediret leaves the allocator alone")
+    assert runs["plain"][0] >= REFAULTED_PAGES_AT_DEFAULT // 2  # glibc's default mmap threshold
+    assert runs["tuned"][0] < REFAULTED_PAGES_AT_DEFAULT // 20 and runs["tuned"][1] == 1
+    # tune_allocator() itself, switched off: glibc's defaults stay
+    assert runs["no encoder"][0] >= REFAULTED_PAGES_AT_DEFAULT // 2 and not runs["no encoder"][2]

@@ -27,12 +27,20 @@ Hugging Face caches and for reading checkpoints), and end it with
 ``register_encoder(EncoderSpec(...))``; then add ``<family>`` to the import of
 the families below.
 
+The allocator tuning (``tune_allocator()``: glibc keeps freed activation buffers
+mapped and serves every thread from one arena; it returns whether it applied) is
+process-wide, so nothing here applies it unasked: ``load_encoder(...,
+tune_allocator=True)`` does, before it builds the model, for an encoder that
+embeds in bulk (``mediret ingest``; ``mediret.ingest.ingest`` also calls it before
+it opens its store). Code that starts threads of its own before loading such an
+encoder calls ``tune_allocator()`` first. ``MEDIRET_MALLOC_TUNING=0`` turns it off.
 Importing this package imports neither torch nor PIL.
 """
 
 from __future__ import annotations
 
 from . import clip, efficientnet_lite, resnet, squeezenet  # noqa: F401  (each registers its encoders)
+from ._allocator import keep_freed_memory as tune_allocator
 from .loading import PRECISIONS, load_encoder
 from .runtime import BF16_MIN_COSINE, FORWARD_STREAMS, FORWARD_STREAMS_ENV, Encoder, native_bf16
 from .spec import Built, EncoderSpec, Located, encoder_table, get_encoder_spec, list_encoders, register_encoder
@@ -56,4 +64,5 @@ __all__ = [
     "load_encoder",
     "native_bf16",
     "register_encoder",
+    "tune_allocator",
 ]

@@ -20,14 +20,17 @@ of 64 MiB heaps, and serves any larger buffer (an EfficientNet-Lite0 activation
 at batch 32 is 154 MB) with ``mmap`` whatever the threshold: the encoders'
 forward threads (``Encoder.embed_stream``) would page-fault their activations
 in on every batch. Arenas made before the limit stay, and glibc hands them out
-in turn to new threads as well: ``load_encoder`` applies the setting before it
-builds a model (whose initialisation runs torch's threads), the store before
-it starts DuckDB (whose start makes an arena), and ``heap_keeps_large_buffers``
-tells a thread whether it is spared the faults.
+in turn to new threads as well, so the setting must come before other threads
+allocate: ``load_encoder(..., tune_allocator=True)`` applies it before it builds
+a model (whose initialisation runs torch's threads), ``mediret.ingest.ingest``
+before it opens its store (DuckDB's start makes arenas), and
+``heap_keeps_large_buffers`` tells a thread whether it is spared the faults.
 
-The setting is process-wide and applies only to glibc (Linux); elsewhere, or when
-the user set ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` /
-``MALLOC_MMAP_MAX_`` themselves, or with ``MEDIRET_MALLOC_TUNING=0``, it does nothing.
+The setting is process-wide, so it is applied only where asked (the package's
+public name for ``keep_freed_memory`` is ``mediret.encoders.tune_allocator``), and
+only to glibc (Linux); elsewhere, or when the user set ``MALLOC_MMAP_THRESHOLD_`` /
+``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_MMAP_MAX_`` themselves, or with
+``MEDIRET_MALLOC_TUNING=0``, it does nothing.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ def load_encoder(
     device: str = "cpu",
     optimize: bool = True,
     precision: str = "auto",
+    tune_allocator: bool = False,
 ) -> Encoder:
     """Build encoder ``name`` ready for inference.
 
@@ -33,6 +34,11 @@ def load_encoder(
     precision: ``auto`` tries a bfloat16 copy of the optimized model on CPUs with native
         bf16 and keeps it if it matches fp32 on the first batch (see ``Encoder``);
         ``fp32`` never does.
+    tune_allocator: with ``optimize``, apply the process-wide allocator tuning (see
+        ``mediret.encoders.tune_allocator``) before the model is built, so that freed
+        activation buffers stay mapped and the forward threads of ``Encoder.embed_stream``
+        can run; for an encoder that embeds in bulk (``mediret ingest``). Without it the
+        encoder leaves the allocator alone and ``embed_stream`` runs one batch at a time.
     """
     import torch
 
@@ -48,7 +54,7 @@ def load_encoder(
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise EncoderError(f"device {device!r} requested but CUDA is not available; use --device cpu")
     path, source = resolve_weights(spec, weights)
-    if optimize:
+    if optimize and tune_allocator:
         keep_freed_memory()  # before the build's torch threads allocate (see mediret.encoders._allocator)
     built = spec.build(path)
     if built.note:

@@ -44,8 +44,9 @@ class Encoder:
         cache it belongs to, or ``random``).
     optimized: whether the fast inference path (BatchNorm folded into convolutions and,
         on CPU, convolutions fused with their activations: see ``mediret.encoders._fastpath``;
-        channels-last layout; activation buffers kept by the allocator: see
-        ``mediret.encoders._allocator``) is in use; ``False`` is the plain eager reference.
+        channels-last layout; and, if loaded with ``tune_allocator``, activation buffers kept
+        by the allocator: see ``mediret.encoders._allocator``) is in use; ``False`` is the
+        plain eager reference.
     precision: ``fp32``, ``bf16 (...)`` once a bfloat16 copy of the model has
         passed its check, or ``pending bf16 check`` before the first batch.
 
@@ -156,7 +157,8 @@ class Encoder:
         of both (BENCHMARKS.md part 2). The embeddings equal ``embed_pixels``' to
         float rounding. The first batch runs alone while the bf16 check is pending,
         and everything runs inline where the threads would allocate their activations
-        afresh each batch (``mediret.encoders._allocator.heap_keeps_large_buffers``).
+        afresh each batch (``mediret.encoders._allocator.heap_keeps_large_buffers``; so
+        without the allocator tuning: see ``load_encoder``'s ``tune_allocator``).
         """
         pick = batch or (lambda item: item)
         pending: deque = deque()
