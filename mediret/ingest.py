@@ -12,6 +12,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from .encoders import tune_allocator
 from .errors import StoreError
 from .records import DatasetScan, ImageRecord, Problem
 from .sources import decode_image
@@ -264,10 +265,13 @@ def ingest(scan: DatasetScan, store_path: str | Path, encoder, *, batch_size: in
     decoding threads beside the forward pass (0: decode inline, between batches).
     Batches go through ``encoder.embed_stream`` (two at a time on the CPU): each
     is sorted into fresh images, copies and problems before its forward pass
-    and stored, in order, after it.
+    and stored, in order, after it. The allocator tuning (``mediret.encoders.tune_allocator``)
+    is applied first, before the store's DuckDB starts threads, unless it already was
+    (``load_encoder(..., tune_allocator=True)``, as ``mediret ingest`` loads) or is off.
     """
     from tqdm import tqdm
 
+    tune_allocator()
     started = time.perf_counter()
     report = IngestReport(store=str(store_path), dataset=scan.name, found=len(scan.records),
                           problems=list(scan.problems))

@@ -53,7 +53,7 @@ def child(args) -> int:
     if Path(sys.modules["mediret"].__file__).resolve().parent != root / "mediret":
         raise SystemExit(f"imported {sys.modules['mediret'].__file__}, not {root}'s mediret")
     scan = _bench.ham_scan(args.images, seed=args.seed)  # this script's sample, the same for every checkout
-    encoder = load_encoder(args.encoder)
+    encoder = load_encoder(args.encoder, tune_allocator=True)
     with tempfile.TemporaryDirectory(prefix="ab-ingest-") as tmp:
         ingest(scan, Path(tmp) / "warm-up", encoder, progress=False, limit=64)
     rates, cpu = [], []

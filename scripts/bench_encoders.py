@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Benchmark part 1: mediret's encoder path against plain PyTorch eager, on the same real images.
 
-For each encoder, ``load_encoder(name)`` (the default, optimized path) and
+For each encoder, ``load_encoder(name, tune_allocator=True)`` (the default, optimized
+path, with the allocator tuning as ``mediret ingest`` loads it) and
 ``load_encoder(name, optimize=False)`` (the plain eager model: contiguous NCHW
 tensors, default torch threads, glibc's default allocator settings) embed the
 same preprocessed HAM10000 images in the same batches. Each timed pass runs in a
@@ -111,7 +112,8 @@ def timed_stream(encoder, batch, batch_size: int):
 def compare(name: str, weights: str | None, images: list[str], args) -> dict:
     """Time reference and optimized paths of one encoder on the same batch, each pass in a fresh process.
 
-    mediret's fast path sets process-wide allocator thresholds (``mediret.allocator``)
+    mediret's fast path, loaded as ingest loads it, sets process-wide allocator thresholds
+    (``mediret.encoders.tune_allocator``)
     that speed up any model in the process, so plain eager PyTorch must run in a
     process of its own to stay plain: every timed pass is a child process that
     loads its encoder, warms up on one batch and embeds the whole batch once.
@@ -124,7 +126,8 @@ def compare(name: str, weights: str | None, images: list[str], args) -> dict:
     from mediret.encoders import load_encoder
 
     torch.manual_seed(args.seed)
-    optimized = load_encoder(name, weights=weights)  # for preprocessing here and the sweep / variants
+    # for preprocessing here and the sweep / variants
+    optimized = load_encoder(name, weights=weights, tune_allocator=True)
     batch = torch.stack([optimized.preprocess.load(path) for path in images])
     times = {"reference": [], "optimized": [], "one batch at a time": []}
     vectors, precision = {}, {}
@@ -276,7 +279,7 @@ def worker(args) -> int:
 
     torch.manual_seed(args.seed)  # random-weight encoders get identical weights on both paths
     encoder = load_encoder(args.encoders, weights=args.worker_weights, optimize=args.worker == "optimized",
-                           precision=args.worker_precision)
+                           precision=args.worker_precision, tune_allocator=True)
     batch = torch.load(args.worker_batch)
     encoder.embed_batch(batch[: args.batch_size])  # first calls allocate and pick kernels
     if args.worker == "optimized":

@@ -110,7 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load(args, optimize: bool = True):
     from mediret.encoders import load_encoder
 
-    return load_encoder(args.encoder, weights=args.weights, optimize=optimize)
+    return load_encoder(args.encoder, weights=args.weights, optimize=optimize, tune_allocator=True)
 
 
 # ---- the three contenders ------------------------------------------------------------------
@@ -488,8 +488,8 @@ def sweep_workers(args) -> list[dict]:
 def naive_in_child(images: int, naive_images: int, args) -> dict:
     """The naive loop and the eager batch-1 forward, timed in a fresh process.
 
-    A plain script would not have mediret's allocator setting (``mediret.allocator``,
-    process-wide once an optimized encoder is loaded here), so the baselines run
+    A plain script would not have mediret's allocator setting (``mediret.encoders.tune_allocator``,
+    process-wide once an optimized encoder is loaded here as ingest loads it), so the baselines run
     where it was never applied.
     """
     command = [sys.executable, __file__, "--naive-child", str(images), "--naive-images", str(naive_images),

@@ -86,7 +86,7 @@ def ensure_store(name: str, args) -> Path:
     scan = read_dataset(args.data / DATASETS[name], name)
     if args.limit:
         scan = subset(scan, args.limit, args.seed)
-    encoder = load_encoder(args.encoder, weights=args.weights, precision=args.precision)
+    encoder = load_encoder(args.encoder, weights=args.weights, precision=args.precision, tune_allocator=True)
     log(f"{name}: {len(scan.records)} images -> {store}")
     report = ingest(scan, store, encoder, seed=args.seed, progress=sys.stderr.isatty())
     log(f"{name}: {report.added} added, {report.already_stored} already stored, "

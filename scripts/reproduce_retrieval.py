@@ -46,7 +46,7 @@ def ensure_store(dataset: str, encoder_name: str, weights: str | None, data: Pat
                 len(scan.records) and store.split_schemes()
         if complete:
             return path
-    encoder = load_encoder(encoder_name, weights=weights, precision=precision)
+    encoder = load_encoder(encoder_name, weights=weights, precision=precision, tune_allocator=True)
     report = ingest(scan, path, encoder, progress=True)
     print(f"ingested {dataset}: {report.added} added in {report.seconds:.0f} s", file=sys.stderr)
     return path

@@ -14,12 +14,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from mediret.allocator import keep_freed_memory
+from mediret.encoders import tune_allocator
 
-# As the command line does by loading its encoder first: the allocator setting in place before
-# FAISS's or DuckDB's threads allocate, so that the encoders' forward threads share the main
-# heap (mediret.allocator) whatever the order the tests run in.
-keep_freed_memory()
+# As `mediret ingest` does by loading its encoder with tune_allocator=True first: the allocator
+# setting in place before FAISS's or DuckDB's threads allocate, so that the encoders' forward
+# threads share the main heap (mediret.encoders._allocator) whatever the order the tests run in.
+tune_allocator()
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HAM = SHARED_DATA / "ham10000"
@@ -133,6 +133,41 @@ def environ_without(*prefixes: str) -> dict[str, str]:
     """This process's environment minus the variables starting with any of ``prefixes``: for a
     fresh process that must not inherit the user's allocator (``MALLOC_``) or OpenMP settings."""
     return {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+
+
+# Source for a fresh process (prepend it to a script) that observes glibc's allocator settings:
+# refaulted_pages() counts the pages ten re-allocations of a 64 MiB buffer fault in again (all of
+# them at glibc's default mmap threshold, next to none once mediret's tuning keeps freed buffers);
+# arenas() counts glibc's arenas (malloc_info's heaps) once a new thread has allocated: more than
+# one unless M_ARENA_MAX limits them.
+ALLOCATOR_PROBES = """
+import ctypes, ctypes.util, os, resource, tempfile, threading
+_libc = ctypes.CDLL(ctypes.util.find_library('c'))
+_libc.malloc.restype, _libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+_libc.free.argtypes = (ctypes.c_void_p,)
+_libc.fopen.restype, _libc.fopen.argtypes = ctypes.c_void_p, (ctypes.c_char_p, ctypes.c_char_p)
+_libc.fclose.argtypes = (ctypes.c_void_p,)
+_libc.malloc_info.argtypes = (ctypes.c_int, ctypes.c_void_p)
+def refaulted_pages():
+    def churn():
+        buf = bytearray(64 << 20)
+        buf[::4096] = b'x' * len(buf[::4096])
+    churn()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        churn()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+def arenas():
+    thread = threading.Thread(target=lambda: _libc.free(_libc.malloc(1000)))
+    thread.start(); thread.join()
+    fd, path = tempfile.mkstemp(); os.close(fd)
+    stream = _libc.fopen(path.encode(), b'w'); _libc.malloc_info(0, stream); _libc.fclose(stream)
+    with open(path) as fh:
+        heaps = fh.read().count('<heap nr=')
+    os.unlink(path)
+    return heaps
+"""
+REFAULTED_PAGES_AT_DEFAULT = 10 * (64 << 20) // 4096  # refaulted_pages() under glibc's defaults
 
 
 @contextmanager

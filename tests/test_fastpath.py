@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from mediret import fastpath
+from mediret.encoders import _fastpath as fastpath
 from mediret.encoders import get_encoder_spec, load_encoder
-from mediret.fastpath import FusedConv2d, FusedResidualBlock
+from mediret.encoders._fastpath import FusedConv2d, FusedResidualBlock
 
 torch.set_num_threads(1)  # 2 cores shared: oversubscribed OpenMP threads slow down 10x
 
@@ -106,7 +106,7 @@ def test_fusion_is_not_kept_when_the_registration_order_lies(caplog):
             return self.conv(self.act(x)).mean(dim=(2, 3))
 
     model = ReluFirst().eval()
-    with caplog.at_level(logging.WARNING, logger="mediret.fastpath"):
+    with caplog.at_level(logging.WARNING, logger="mediret.encoders._fastpath"):
         kept = fastpath.optimize(model, "relu-first", 16, fuse=True)
     assert kept is model
     assert "changed the outputs" in caplog.text

@@ -24,7 +24,18 @@ from mediret.ingest import ingest
 from mediret.splits import check_group_disjoint
 from mediret.store import Store
 
-from .conftest import MEDMNIST, PAD, ThumbnailEncoder, make_ham_subset, requires_data, torch_threads
+from .conftest import (
+    ALLOCATOR_PROBES,
+    HAM,
+    MEDMNIST,
+    PAD,
+    REFAULTED_PAGES_AT_DEFAULT,
+    ThumbnailEncoder,
+    environ_without,
+    make_ham_subset,
+    requires_data,
+    torch_threads,
+)
 
 pytestmark = requires_data
 REPO = Path(__file__).resolve().parents[1]
@@ -391,3 +402,31 @@ def test_dicom_source_is_decoded(tmp_path):
     (tmp_path / "b.dcm").write_bytes(b"DICM but not really")
     with pytest.raises(OSError):
         open_image(ImageRecord("b", str(tmp_path / "b.dcm"), ("benign",)))
+
+
+@requires_data
+@pytest.mark.slow
+def test_ingest_applies_the_allocator_tuning_for_library_users(tmp_path):
+    """A library user who loads the encoder without ``tune_allocator`` still gets ingest's tuning:
+    in a fresh process, after ``ingest`` freed 64 MiB buffers stay mapped (glibc's default unmaps
+    them: see test_load_encoder_leaves_the_allocator_alone_unless_asked)."""
+    images = sorted((HAM / "HAM10000_images_part_1").glob("*.jpg"))[:8]
+    for i, image in enumerate(images):
+        folder = tmp_path / "dataset" / ("nv" if i % 2 else "mel")
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, folder / image.name)
+    script = ALLOCATOR_PROBES + (
+        "import sys\n"
+        "from mediret.datasets import read_dataset\n"
+        "from mediret.encoders import load_encoder, tune_allocator\n"
+        "from mediret.ingest import ingest\n"
+        "encoder = load_encoder('squeezenet1_1', weights='random', precision='fp32')\n"
+        "report = ingest(read_dataset(sys.argv[1]), sys.argv[2], encoder, progress=False)\n"
+        "print(report.added, refaulted_pages(), tune_allocator())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "dataset"), str(tmp_path / "store")],
+                         capture_output=True, text=True, check=True, env=environ_without("MALLOC_")).stdout.split()
+    if out[2] != "True":
+        pytest.skip("not glibc: mediret leaves the allocator alone")
+    assert int(out[0]) == len(images)
+    assert int(out[1]) < REFAULTED_PAGES_AT_DEFAULT // 20

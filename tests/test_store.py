@@ -16,7 +16,7 @@ from mediret.splits import check_group_disjoint
 from mediret.store import DB_FILE, EncoderInfo, Store
 from mediret.store.vectors import write_index_atomic as _write_index_atomic
 
-from .conftest import HAM, environ_without, read_csv, requires_data
+from .conftest import ALLOCATOR_PROBES, HAM, environ_without, read_csv, requires_data
 
 pytestmark = requires_data
 
@@ -166,10 +166,10 @@ def _measured_in_fresh_process(script: str, path) -> str:
 
 def test_store_leaves_the_encoders_kept_buffers_mapped(tmp_path):
     """DuckDB's worker threads, idle for half a second, would malloc_trim the heap and unmap the
-    freed buffers mediret.allocator keeps for the encoder; a store runs DuckDB on one thread."""
+    freed buffers mediret.encoders._allocator keeps for the encoder; a store runs DuckDB on one thread."""
     script = (
         "import resource, sys, time\n"
-        "from mediret.allocator import keep_freed_memory\n"
+        "from mediret.encoders._allocator import keep_freed_memory\n"
         "from mediret.store import EncoderInfo, Store\n"
         "applied = keep_freed_memory()\n"
         "pins = []\n"
@@ -195,11 +195,11 @@ def test_store_leaves_the_encoders_kept_buffers_mapped(tmp_path):
 def test_opening_and_closing_stores_leaves_the_encoders_kept_buffers_mapped(tmp_path):
     """DuckDB trims the heap (malloc_trim) as it starts and ends a database instance; the process
     keeps one instance and attaches each store's file to it, so after the first store, creating,
-    opening and closing stores hands none of the freed buffers mediret.allocator keeps for the
+    opening and closing stores hands none of the freed buffers mediret.encoders._allocator keeps for the
     encoder back to the OS: the resident size does not drop by a freed 64 MiB buffer."""
     script = (
         "import sys\n"
-        "from mediret.allocator import keep_freed_memory\n"
+        "from mediret.encoders._allocator import keep_freed_memory\n"
         "from mediret.store import EncoderInfo, Store\n"
         "applied = keep_freed_memory()\n"
         "def resident_mib():\n"
@@ -218,6 +218,37 @@ def test_opening_and_closing_stores_leaves_the_encoders_kept_buffers_mapped(tmp_
     )
     dropped_mib = _measured_in_fresh_process(script, tmp_path)
     assert float(dropped_mib) < 16  # a trim would hand back most of the freed 64 MiB
+
+
+def _arenas_after_stores(path, tune_first: bool) -> int:
+    """In a fresh process (``tune_allocator()`` first, or not): create a store, open it, and count
+    glibc's arenas once a new thread has allocated (skip where the tuning cannot apply)."""
+    script = ALLOCATOR_PROBES + (
+        "import sys\n"
+        "from mediret.encoders import tune_allocator\n"
+        "from mediret.store import EncoderInfo, Store\n"
+        "applied = tune_allocator() if sys.argv[2] == 'tune' else None\n"
+        "Store.create(sys.argv[1], EncoderInfo('e', 4, 'imagenet', 'random')).close()\n"
+        "with Store.open(sys.argv[1]) as store:\n"
+        "    store.info()\n"
+        "print(arenas(), tune_allocator() if applied is None else applied)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(path), "tune" if tune_first else "leave"],
+                         capture_output=True, text=True, check=True, env=environ_without("MALLOC_")).stdout.split()
+    if out[1] != "True":
+        pytest.skip("not glibc: mediret leaves the allocator alone")
+    return int(out[0])
+
+
+def test_a_store_opened_after_tune_allocator_keeps_every_thread_in_one_arena(tmp_path):
+    """tune_allocator's arena limit holds for DuckDB's threads and any thread started later."""
+    assert _arenas_after_stores(tmp_path / "s", tune_first=True) == 1
+
+
+def test_opening_a_store_leaves_the_arena_limit_alone(tmp_path):
+    """Opening a store changes no process-wide allocator setting: glibc still gives new threads
+    arenas of their own (M_ARENA_MAX untouched)."""
+    assert _arenas_after_stores(tmp_path / "s", tune_first=False) > 1
 
 
 def _writable_elsewhere(path) -> bool:

@@ -73,7 +73,8 @@ def ingest(dataset, store_path, encoder, weights, preprocess, dataset_format, ba
         import torch
         torch.set_num_threads(threads)
     scan = read_dataset(dataset, dataset_format)
-    model = load_encoder(encoder, weights=weights, preprocess=preprocess, device=device, precision=precision)
+    model = load_encoder(encoder, weights=weights, preprocess=preprocess, device=device, precision=precision,
+                         tune_allocator=True)
     if streams is not None:
         model.forward_streams = streams
         if model.device == "cpu" and model.threads_per_stream() < 1:

@@ -20,14 +20,17 @@ of 64 MiB heaps, and serves any larger buffer (an EfficientNet-Lite0 activation
 at batch 32 is 154 MB) with ``mmap`` whatever the threshold: the encoders'
 forward threads (``Encoder.embed_stream``) would page-fault their activations
 in on every batch. Arenas made before the limit stay, and glibc hands them out
-in turn to new threads as well: ``load_encoder`` applies the setting before it
-builds a model (whose initialisation runs torch's threads), the store before
-it starts DuckDB (whose start makes an arena), and ``heap_keeps_large_buffers``
-tells a thread whether it is spared the faults.
+in turn to new threads as well, so the setting must come before other threads
+allocate: ``load_encoder(..., tune_allocator=True)`` applies it before it builds
+a model (whose initialisation runs torch's threads), ``mediret.ingest.ingest``
+before it opens its store (DuckDB's start makes arenas), and
+``heap_keeps_large_buffers`` tells a thread whether it is spared the faults.
 
-The setting is process-wide and applies only to glibc (Linux); elsewhere, or when
-the user set ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` /
-``MALLOC_MMAP_MAX_`` themselves, or with ``MEDIRET_MALLOC_TUNING=0``, it does nothing.
+The setting is process-wide, so it is applied only where asked (the package's
+public name for ``keep_freed_memory`` is ``mediret.encoders.tune_allocator``), and
+only to glibc (Linux); elsewhere, or when the user set ``MALLOC_MMAP_THRESHOLD_`` /
+``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_MMAP_MAX_`` themselves, or with
+``MEDIRET_MALLOC_TUNING=0``, it does nothing.
 """
 
 from __future__ import annotations
@@ -52,7 +55,6 @@ PROBE_BYTES = 96 << 20
 TRIM_THRESHOLD_BYTES = 1 << 30
 
 _applied: bool | None = None
-_arenas_limited = False
 
 
 def keep_freed_memory() -> bool:
@@ -63,14 +65,8 @@ def keep_freed_memory() -> bool:
     return _applied
 
 
-def limit_arenas() -> None:
-    """Limit glibc to one arena, once per process (see the module docstring), unless tuning is off
-    or the user set ``MALLOC_ARENA_MAX``. For code that starts threads of its own before an
-    encoder is loaded: the store calls it before it starts DuckDB."""
-    global _arenas_limited
-    if _arenas_limited:
-        return
-    _arenas_limited = True
+def _limit_arenas() -> None:
+    """Limit glibc to one arena (see the module docstring), unless the user set ``MALLOC_ARENA_MAX``."""
     mallopt = _mallopt()
     if mallopt is not None and "MALLOC_ARENA_MAX" not in os.environ and not mallopt(M_ARENA_MAX, 1):
         log.debug("mallopt refused M_ARENA_MAX; threads keep their own arenas")
@@ -116,7 +112,7 @@ def _apply() -> bool:
     if not applied:
         log.debug("mallopt refused the thresholds; the allocator keeps glibc's defaults")
     else:
-        limit_arenas()
+        _limit_arenas()
     return applied
 
 
