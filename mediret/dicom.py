@@ -18,8 +18,9 @@ pydicom 3 doing each one (``pydicom.pixels``):
    else, with neither (or ``window="minmax"``), the image's own lowest..highest
    modality value;
 4. MONOCHROME1 (low values bright) is inverted;
-5. colour images: RGB as stored, YBR_FULL / YBR_FULL_422 converted to RGB
-   (``convert_color_space``), PALETTE COLOR through its LUT; no window applies;
+5. colour images: RGB as stored (JPEG 2000's YBR_ICT / YBR_RCT decode to it),
+   YBR_FULL / YBR_FULL_422 converted to RGB (``convert_color_space``), PALETTE
+   COLOR through its LUT; scaled from their bit depth; no window applies;
 6. values stay float until the one conversion to 8 bits at the end.
 
 Anything that cannot be read this way (not DICOM, no pixel data, a transfer
@@ -150,8 +151,10 @@ def read_dataset(data: bytes):
         raise DicomError(f"not a readable DICOM file: {exc}") from exc
 
 
-def decodable_problem(ds) -> str | None:
-    """Why ``ds`` (its tags, pixels not needed) has no pixels to read here, or None.
+def decodable_problem(ds) -> tuple[str, str] | None:
+    """Why ``ds`` (its tags, pixels not needed) has no pixels to read here, as (problem kind,
+    reason), or None. Kinds: 'no-pixel-data' (a report, a presentation state, ...),
+    'unreadable-image' (cut short, no decoder, an unsupported photometric interpretation).
 
     Cheap: looks at the tags and the transfer syntax only, so a reader can
     report such files without decoding them.
@@ -159,22 +162,26 @@ def decodable_problem(ds) -> str | None:
     from pydicom.pixels import get_decoder
 
     if not any(keyword in ds for keyword in _PIXEL_DATA) and not ("Rows" in ds and "Columns" in ds):
-        sop = getattr(ds.get("SOPClassUID"), "name", None) or ds.get("SOPClassUID", "unknown")
-        return f"no pixel data (SOP class {sop})"
+        if "SOPClassUID" not in ds:  # Type 1 in every IOD: the file stops before its dataset does
+            return "unreadable-image", "no SOP Class UID and no pixel data: is the file cut short?"
+        sop = getattr(ds.SOPClassUID, "name", None) or ds.SOPClassUID
+        return "no-pixel-data", f"no pixel data (SOP class {sop})"
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if syntax is None:
-        return "no Transfer Syntax UID in the file meta information"
+        return "unreadable-image", "no Transfer Syntax UID in the file meta information"
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError:
-        return f"transfer syntax {syntax} ({syntax.name}) has no pixel-data decoder in pydicom"
+        named = f" ({syntax.name})" if syntax.name != str(syntax) else " (not one pydicom knows)"
+        return "unreadable-image", f"transfer syntax {syntax}{named} has no pixel-data decoder in pydicom"
     if not decoder.is_available:
         missing = "; ".join(decoder.missing_dependencies)
-        return f"transfer syntax {syntax.name} needs a pixel-data plugin that is not installed: {missing}"
+        return ("unreadable-image",
+                f"transfer syntax {syntax.name} needs a pixel-data plugin that is not installed: {missing}")
     photometric = ds.get("PhotometricInterpretation")
     if photometric is not None and photometric not in (*_GREY, *_COLOUR, *_J2K_COLOUR):
-        return (f"photometric interpretation {photometric} is not supported "
-                f"({', '.join(_GREY + _COLOUR + _J2K_COLOUR)} are)")
+        return "unreadable-image", (f"photometric interpretation {photometric} is not supported "
+                                    f"({', '.join(_GREY + _COLOUR + _J2K_COLOUR)} are)")
     return None
 
 
@@ -234,7 +241,7 @@ def read_pixels(data: bytes, options: DicomOptions | None = None) -> np.ndarray:
     ds = read_dataset(data)
     problem = decodable_problem(ds)
     if problem is not None:
-        raise DicomError(problem)
+        raise DicomError(problem[1])
     if not any(keyword in ds for keyword in _PIXEL_DATA):
         raise DicomError("no pixel data")
     arr, photometric, bits_stored = _decode(ds, frame_index(ds, options))

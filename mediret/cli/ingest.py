@@ -50,7 +50,7 @@ def _window(ctx, param, value):
               help="DICOM grey images: CENTRE,WIDTH in modality units (e.g. -600,1500), a CT "
                    "preset (bone, brain, lung, mediastinum, soft-tissue), 'minmax', or 'file' "
                    "(default: the file's VOI LUT or first window, else min..max). Recorded in the "
-                   "store; queries are read the same way.")
+                   "store, for queries to be read the same way.")
 @click.option("--frame", default=None, type=click.IntRange(1),
               help="Frame of multi-frame DICOM files, counted from 1 (default: the middle one). "
                    "Recorded in the store.")

@@ -155,10 +155,9 @@ def _record(root: Path, file: Path, group_tag: str, keep_tags: tuple[str, ...], 
         try:
             frame_index(ds, dicom)
         except DicomError as exc:
-            problem = str(exc)
+            problem = "unreadable-image", str(exc)
     if problem is not None:
-        kind = "no-pixel-data" if problem.startswith("no pixel data") else "unreadable-image"
-        problems.append(Problem(str(file), problem, kind))
+        problems.append(Problem(str(file), problem[1], problem[0]))
         return None
     image_id = (ds.get("SOPInstanceUID") or getattr(file_meta, "MediaStorageSOPInstanceUID", None)
                 or file.relative_to(root).as_posix())
