@@ -281,23 +281,18 @@ def _decode(ds, index: int) -> tuple[np.ndarray, str, int]:
 def _grey(arr: np.ndarray, ds, options: DicomOptions) -> np.ndarray:
     """Modality LUT then VOI, as float64 on 0..255 (255 brightest for MONOCHROME2)."""
     from pydicom.dataset import Dataset
-    from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
+    from pydicom.pixels import apply_modality_lut, apply_windowing
 
     if arr.ndim != 2:
         raise DicomError(f"a grey frame should have 2 dimensions, this one has shape {arr.shape}")
     values = apply_modality_lut(arr, ds)
     voi = voi_choice(ds, options)
     if voi.kind == "voi-lut":
+        table, first = _voi_table(ds)
         # The LUT takes the modality LUT's output as integer indices; those below its first
-        # mapped value get its first entry and those past its end its last (PS3.3 C.11.2.1.1),
-        # clipped here first so that pydicom's 16-bit index arithmetic cannot wrap.
-        descriptor = ds.VOILUTSequence[0].LUTDescriptor
-        entries, first = descriptor[0] or 2**16, descriptor[1]
-        table = np.arange(first, first + entries)
-        indices = np.clip(np.rint(values), first, first + entries - 1).astype(np.int64)
-        shown = apply_voi(indices, ds).astype(np.float64)
-        entries = apply_voi(table, ds)
-        return _stretch(shown, float(entries.min()), float(entries.max()))
+        # mapped value get its first entry and those past its end its last (PS3.3 C.11.2.1.1).
+        shown = table[np.clip(np.rint(values).astype(np.int64) - first, 0, len(table) - 1)]
+        return _stretch(shown.astype(np.float64), float(table.min()), float(table.max()))
     if voi.kind == "window":
         # pydicom's windowing on a dataset holding just the window and an 8-bit unsigned
         # output range: the result is already on 0..255, whatever the file's bit depth.
@@ -312,6 +307,26 @@ def _grey(arr: np.ndarray, ds, options: DicomOptions) -> np.ndarray:
             raise DicomError(f"cannot apply window {voi.describe()}: {exc}") from exc
     values = values.astype(np.float64)
     return _stretch(values, float(values.min()), float(values.max()))
+
+
+def _voi_table(ds) -> tuple[np.ndarray, int]:
+    """The first VOI LUT's entries and the value its first entry maps.
+
+    Read here rather than looked up through pydicom's ``apply_voi``: pydicom
+    3.0.2 holds the indices in the entries' own dtype, so an 8-bit LUT of more
+    than 256 entries (a common 4096-entry one) wraps them (index 256 reads entry 0).
+    """
+    item = ds.VOILUTSequence[0]
+    count, first = int(item.LUTDescriptor[0]) or 2**16, int(item.LUTDescriptor[1])
+    data = item.LUTData
+    if isinstance(data, bytes):  # OW: 16-bit words in the file's byte order
+        order = "<" if ds.file_meta.TransferSyntaxUID.is_little_endian else ">"
+        table = np.frombuffer(data[: len(data) // 2 * 2], dtype=f"{order}u2")[:count]
+    else:  # US: a list, or one number for a one-entry table
+        table = np.atleast_1d(np.asarray(data, dtype=np.int64))
+    if len(table) != count:
+        raise DicomError(f"the VOI LUT holds {len(table)} entries; its descriptor says {count}")
+    return table.astype(np.int64), first
 
 
 def _stretch(values: np.ndarray, low: float, high: float) -> np.ndarray:

@@ -240,10 +240,10 @@ def open_store_for(store_path: str | Path, encoder, scan: DatasetScan,
         problems.append(f"it holds a '{store.get_info('format')}' dataset, not '{scan.name}'")
     held_dicom = DicomOptions.from_info(store.get_info)
     if held_dicom != dicom:
-        held_info = held_dicom.to_info()
-        problems.append(f"its DICOM images were read with --window {held_info['dicom_window']} "
-                        f"--frame {held_info['dicom_frame']}, not --window "
-                        f"{dicom.to_info()['dicom_window']} --frame {dicom.to_info()['dicom_frame']}")
+        recorded, asked = held_dicom.to_info(), dicom.to_info()
+        problems.append(f"its DICOM images were read with --window {recorded['dicom_window']} --frame "
+                        f"{recorded['dicom_frame']}, not --window {asked['dicom_window']} --frame "
+                        f"{asked['dicom_frame']}")
     if problems:
         store.close()
         raise StoreError(f"cannot ingest into {store_path}: {'; '.join(problems)}. {advice}.")

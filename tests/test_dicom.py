@@ -94,10 +94,11 @@ def to_bytes(ds: FileDataset) -> bytes:
     return buffer.getvalue()
 
 
-def lut_item(table: np.ndarray, first: int, bits: int) -> Dataset:
+def lut_item(table: np.ndarray, first: int, bits: int, vr: str = "US") -> Dataset:
     item = Dataset()
     item.add_new(0x00283002, "US", [len(table), first, bits])  # LUT Descriptor
-    item.add_new(0x00283006, "US", [int(v) for v in table])  # LUT Data
+    data = [int(v) for v in table] if vr == "US" else table.astype("<u2").tobytes()
+    item.add_new(0x00283006, vr, data)  # LUT Data
     return item
 
 
@@ -175,17 +176,28 @@ def test_high_bit_depth_stays_float_until_the_end():
     assert_close(read_pixels(to_bytes(ds)), expected)
 
 
-def test_voi_lut_sequence_is_preferred_to_the_window():
+@pytest.mark.parametrize("vr", ["US", "OW"])
+def test_voi_lut_sequence_is_preferred_to_the_window(vr):
     grey = ham_grey(3)
     stored = grey.astype(np.uint16) * 8 + 100  # 100 .. 2140
     first, entries = 90, 2100  # values past the table's end take its last entry
     table = np.rint(4095 * (np.arange(entries) / (entries - 1)) ** 0.5).astype(np.uint16)
     ds = make_dicom(stored, bits_stored=12, WindowCenter=1000, WindowWidth=10)
-    ds.VOILUTSequence = [lut_item(table, first, 12)]
+    ds.VOILUTSequence = [lut_item(table, first, 12, vr)]
     looked_up = table[np.clip(stored.astype(np.int64) - first, 0, entries - 1)]
     expected = looked_up / table.max() * 255
     assert_close(read_pixels(to_bytes(ds)), expected)
     assert np.array_equal(apply_voi_lut(ds.pixel_array, ds), looked_up)  # pydicom agrees on the lookup
+
+
+def test_an_8_bit_voi_lut_of_4096_entries_is_looked_up_whole():
+    """pydicom 3.0.2's apply_voi wraps such a LUT's indices at 256; the pipeline must not."""
+    grey = pneumonia(2).astype(np.uint16)
+    stored = grey * 16  # 0 .. 4080
+    table = (np.arange(4096) // 16).astype(np.uint8)  # the identity back to `grey`, on 8 bits
+    ds = make_dicom(stored, bits_stored=12)
+    ds.VOILUTSequence = [lut_item(table, 0, 8)]
+    assert_close(read_pixels(to_bytes(ds)), grey / table.max() * 255)
 
 
 def test_modality_lut_sequence_then_min_max():
