@@ -745,7 +745,7 @@ def predict_images(store_path: str | Path, images: Sequence[str | Path], model_n
         stored = store.encoder
         embedder = QueryEncoder(store, weights=weights, device=device)
     try:
-        vectors = embedder.embed_images([read_image(str(image)) for image in images])
+        vectors = embedder.embed_images([read_image(str(image), embedder.dicom) for image in images])
     except SearchError as exc:
         raise ClassifyError(str(exc)) from exc
     if not len(vectors):

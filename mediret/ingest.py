@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .encoders import tune_allocator
+from .dicom import DicomError, DicomOptions
 from .errors import StoreError
 from .records import DatasetScan, ImageRecord, Problem
 from .sources import decode_image
@@ -73,19 +74,20 @@ def content_hash(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def open_image(record: ImageRecord, data: bytes | None = None):
-    """The record's image as a PIL image (not yet decoded for files: preprocessing may draft)."""
+def open_image(record: ImageRecord, data: bytes | None = None, dicom: DicomOptions | None = None):
+    """The record's image as a PIL image (not yet decoded for files: preprocessing may draft;
+    DICOM read with ``dicom``'s window and frame)."""
     from PIL import Image
 
     if record.pixels is not None:
         return Image.fromarray(record.pixels)
     if data is None:
         data = Path(record.source).read_bytes()
-    return decode_image(data, record.source)
+    return decode_image(data, record.source, dicom)
 
 
 def _prepare(record: ImageRecord, decode: Callable, known_hashes: dict,
-             decode_bytes: Callable | None = None) -> _Prepared:
+             decode_bytes: Callable | None = None, dicom: DicomOptions | None = None) -> _Prepared:
     """Read, hash and decode one record; failures become a Problem, never an exception.
 
     ``decode`` takes the opened PIL image; ``decode_bytes``, if given, is tried first on
@@ -110,13 +112,15 @@ def _prepare(record: ImageRecord, decode: Callable, known_hashes: dict,
     try:
         decoded = decode_bytes(data) if decode_bytes is not None and record.pixels is None else None
         if decoded is None:
-            image = open_image(record, None if record.pixels is not None else data)
+            image = open_image(record, None if record.pixels is not None else data, dicom)
             decoded = image.size, decode(image)
         size, pixels = decoded
     except UnidentifiedImageError:
         reason = "not an image PIL can read"
     except Image.DecompressionBombError as exc:
         reason = f"image too large: {exc}"
+    except DicomError as exc:  # says itself what is wrong: no pixels, no decoder, truncated, ...
+        reason = f"DICOM: {exc}"
     except (OSError, SyntaxError, ValueError) as exc:
         reason = f"corrupt or truncated image: {exc}"
     else:
@@ -125,7 +129,8 @@ def _prepare(record: ImageRecord, decode: Callable, known_hashes: dict,
                                                                   "unreadable-image"))
 
 
-def _prepare_chunk(records: list[ImageRecord], preprocess, known_hashes: dict) -> list[_Prepared]:
+def _prepare_chunk(records: list[ImageRecord], preprocess, known_hashes: dict,
+                   dicom: DicomOptions | None = None) -> list[_Prepared]:
     """``_prepare`` each record, then resize and crop the decoded ones together.
 
     A preprocess with ``decode_for_pixels`` / ``finish_pixels`` (``mediret.preprocess``)
@@ -136,7 +141,7 @@ def _prepare_chunk(records: list[ImageRecord], preprocess, known_hashes: dict) -
     finish = getattr(preprocess, "finish_pixels", None)
     decode = preprocess.decode_for_pixels if finish is not None else preprocess.pixels
     decode_bytes = getattr(preprocess, "decode_bytes_for_pixels", None) if finish is not None else None
-    prepared = [_prepare(record, decode, known_hashes, decode_bytes) for record in records]
+    prepared = [_prepare(record, decode, known_hashes, decode_bytes, dicom) for record in records]
     decoded = [item for item in prepared if item.pixels is not None]
     if finish is None or not decoded:
         return prepared
@@ -156,7 +161,8 @@ def _prepare_chunk(records: list[ImageRecord], preprocess, known_hashes: dict) -
 
 
 def prepared_stream(records: list[ImageRecord], preprocess, workers: int, known_hashes: dict,
-                    prefetch: int, chunk: int = DECODE_CHUNK) -> Iterator[_Prepared]:
+                    prefetch: int, chunk: int = DECODE_CHUNK,
+                    dicom: DicomOptions | None = None) -> Iterator[_Prepared]:
     """Decode records in ``workers`` threads, ``chunk`` at a time, in order, at most ``prefetch`` in flight.
 
     Each thread decodes a chunk's images (PIL), then resizes and crops them with one
@@ -168,12 +174,12 @@ def prepared_stream(records: list[ImageRecord], preprocess, workers: int, known_
     chunks = (records[i:i + chunk] for i in range(0, len(records), chunk))
     if workers <= 0:
         for part in chunks:
-            yield from _prepare_chunk(part, preprocess, known_hashes)
+            yield from _prepare_chunk(part, preprocess, known_hashes, dicom)
         return
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mediret-decode") as pool:
         window: deque = deque()
         for part in chunks:
-            window.append(pool.submit(_prepare_chunk, part, preprocess, known_hashes))
+            window.append(pool.submit(_prepare_chunk, part, preprocess, known_hashes, dicom))
             if len(window) * chunk >= prefetch:
                 yield from window.popleft().result()
         while window:
@@ -203,14 +209,19 @@ def commit_due(seconds_since_last: float, last_commit_seconds: float) -> bool:
     return seconds_since_last >= last_commit_seconds * (1 / COMMIT_TIME_SHARE - 1)
 
 
-def open_store_for(store_path: str | Path, encoder, scan: DatasetScan) -> Store:
-    """Open (or create) the store at ``store_path`` for ``encoder``, refusing a mismatch."""
+def open_store_for(store_path: str | Path, encoder, scan: DatasetScan,
+                   dicom: DicomOptions | None = None) -> Store:
+    """Open (or create) the store at ``store_path`` for ``encoder`` and the DICOM reading
+    options ``dicom`` (recorded, for queries to read DICOM alike), refusing a mismatch."""
     info = EncoderInfo(name=encoder.spec.name, dim=encoder.dim,
                        preprocess=encoder.preprocess.name, weights_source=encoder.weights_source)
+    dicom = dicom or DicomOptions()
     if not Store.exists(store_path):
         store = Store.create(store_path, info)
         store.set_info("multilabel", "true" if scan.multilabel else "false")
         store.set_info("format", scan.name)
+        for key, value in dicom.to_info().items():
+            store.set_info(key, value)
         return store
     store = Store.open(store_path, read_only=False)
     held = store.encoder
@@ -228,6 +239,12 @@ def open_store_for(store_path: str | Path, encoder, scan: DatasetScan) -> Store:
                    f"{store_path}` shows them)")
     if store.get_info("format") not in (None, scan.name):
         problems.append(f"it holds a '{store.get_info('format')}' dataset, not '{scan.name}'")
+    held_dicom = DicomOptions.from_info(store.get_info)
+    if held_dicom != dicom:
+        recorded, asked = held_dicom.to_info(), dicom.to_info()
+        problems.append(f"its DICOM images were read with --window {recorded['dicom_window']} --frame "
+                        f"{recorded['dicom_frame']}, not --window {asked['dicom_window']} --frame "
+                        f"{asked['dicom_frame']}")
     if problems:
         store.close()
         raise StoreError(f"cannot ingest into {store_path}: {'; '.join(problems)}. {advice}.")
@@ -253,7 +270,8 @@ def assign_splits(store: Store, seed: int, test_fraction: float) -> None:
 
 def ingest(scan: DatasetScan, store_path: str | Path, encoder, *, batch_size: int = 32,
            workers: int = 2, seed: int = 0, test_fraction: float = 0.2,
-           commit_every: int = 1024, progress: bool = True, limit: int | None = None) -> IngestReport:
+           commit_every: int = 1024, progress: bool = True, limit: int | None = None,
+           dicom: DicomOptions | None = None) -> IngestReport:
     """Embed the records of ``scan`` with ``encoder`` and add them to the store.
 
     Records whose ``image_id`` is already stored are skipped (resume, idempotence);
@@ -268,6 +286,8 @@ def ingest(scan: DatasetScan, store_path: str | Path, encoder, *, batch_size: in
     and stored, in order, after it. The allocator tuning (``mediret.encoders.tune_allocator``)
     is applied first, before the store's DuckDB starts threads, unless it already was
     (``load_encoder(..., tune_allocator=True)``, as ``mediret ingest`` loads) or is off.
+    ``dicom``: how DICOM files are read (window,
+    frame); recorded in the store, and a store that recorded others is refused.
     """
     from tqdm import tqdm
 
@@ -275,7 +295,7 @@ def ingest(scan: DatasetScan, store_path: str | Path, encoder, *, batch_size: in
     started = time.perf_counter()
     report = IngestReport(store=str(store_path), dataset=scan.name, found=len(scan.records),
                           problems=list(scan.problems))
-    store = open_store_for(store_path, encoder, scan)
+    store = open_store_for(store_path, encoder, scan, dicom)
     try:
         store.set_label_names(scan.label_names)
         run = store.start_run(scan.root, scan.name, seed)
@@ -294,7 +314,7 @@ def ingest(scan: DatasetScan, store_path: str | Path, encoder, *, batch_size: in
             todo = todo[:limit]
         known = store.hashes()
         stream = prepared_stream(todo, encoder.preprocess, workers, dict(known),
-                                 prefetch=max(2 * batch_size, 4 * workers * DECODE_CHUNK))
+                                 prefetch=max(2 * batch_size, 4 * workers * DECODE_CHUNK), dicom=dicom)
         planned = _planned_batches(_batches(stream, batch_size), set(known))
         since_commit, last_commit_end, last_commit_seconds = 0, time.perf_counter(), 0.0
         bar = tqdm(total=len(todo), unit="img", desc=f"ingest {scan.name}", disable=not progress,

@@ -68,6 +68,7 @@ class QueryEncoder:
 
     def __init__(self, store: Store, weights: str | None = None, device: str = "cpu", encoder=None):
         self.info = store.encoder
+        self.dicom = store.dicom_options()  # query files are read as ingest read the store's
         self.store_path = store.path
         self.weights = weights
         self.device = device
@@ -132,28 +133,32 @@ class QueryEncoder:
         return self.embed_images([image])[0]
 
 
-def read_image(source: str) -> Image.Image:
+def read_image(source: str, dicom=None) -> Image.Image:
     """The image behind a query ``source`` (file, DICOM, ``file.npz#split/index``), decoded;
-    SearchError naming the source when it is missing, a folder or unreadable."""
+    SearchError naming the source when it is missing, a folder or unreadable.
+
+    dicom: how DICOM is read (window, frame: ``QueryEncoder.dicom``, the store's own).
+    """
     from .sources import open_source
 
     query_file(source)
     try:
-        image = open_source(source)
+        image = open_source(source, dicom)
         image.load()
     except (OSError, SyntaxError, ValueError) as exc:
         raise SearchError(f"cannot read the query image {source}: {exc}") from exc
     return image
 
 
-def read_bytes(data: bytes, name: str) -> Image.Image:
-    """An uploaded image's bytes (any format PIL reads, or DICOM) decoded; SearchError when not an image."""
+def read_bytes(data: bytes, name: str, dicom=None) -> Image.Image:
+    """An uploaded image's bytes (any format PIL reads, or DICOM, read with ``dicom``'s options)
+    decoded; SearchError when not an image."""
     from PIL import Image, UnidentifiedImageError
 
     from .sources import decode_image
 
     try:
-        image = decode_image(data, name) if name.lower().endswith(".dcm") or _is_dicom(data) \
+        image = decode_image(data, name, dicom) if name.lower().endswith(".dcm") or _is_dicom(data) \
             else Image.open(io.BytesIO(data))
         image.load()
     except UnidentifiedImageError:
@@ -207,7 +212,7 @@ def query_from_file(store: Store, source: str, weights: str | None = None,
 
     embedder = encoder if isinstance(encoder, QueryEncoder) else QueryEncoder(store, weights, device, encoder)
     path, split = query_file(source)
-    vector = embedder.embed_image(read_image(source))
+    vector = embedder.embed_image(read_image(source, embedder.dicom))
     if split is None:
         stored = store.find_by_hash(content_hash(path.read_bytes()))
     else:
@@ -220,7 +225,7 @@ def query_from_bytes(store: Store, data: bytes, name: str, encoder: QueryEncoder
     """An uploaded image (its bytes and file name) embedded with the store's encoder."""
     from .ingest import content_hash
 
-    vector = encoder.embed_image(read_bytes(data, name))
+    vector = encoder.embed_image(read_bytes(data, name, encoder.dicom))
     stored = store.find_by_hash(content_hash(data))
     return Query(vector=vector, source=name, image=stored, group_of=_group_image(store, stored, group_of))
 

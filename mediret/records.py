@@ -47,6 +47,8 @@ class DatasetScan:
     name: dataset format name (``ham10000``, ``odir``, ...).
     label_names: every label the dataset defines, in a stable order.
     multilabel: whether an image may carry several labels.
+    group_field: the column or tag the records' groups come from (DICOM's
+        ``PatientID``), when the dataset names it: a key labels can be joined on.
     """
 
     name: str
@@ -55,3 +57,4 @@ class DatasetScan:
     label_names: list[str]
     multilabel: bool = False
     problems: list[Problem] = field(default_factory=list)
+    group_field: str | None = None

@@ -72,10 +72,11 @@ class Sheet:
 
 
 def contact_sheet(result: SearchResult, path: str | Path, columns: int | None = None,
-                  tile: int = 160) -> Sheet:
+                  tile: int = 160, dicom=None) -> Sheet:
     """Draw ``result`` (query + hits) as a PNG at ``path``.
 
     columns: tiles per row; by default up to 6 (query and five hits per row).
+    dicom: how DICOM sources are read (``Store.dicom_options``: as at ingest).
     """
     from PIL import Image, ImageDraw
 
@@ -94,7 +95,7 @@ def contact_sheet(result: SearchResult, path: str | Path, columns: int | None = 
         name = Path(query.source.partition("#")[0]).name
     caption = [f"QUERY {name}",
                ", ".join(sorted(query_labels)) if query_labels else "label unknown"]
-    _tile(sheet, draw, layout, 0, query.source, QUERY_COLOUR, caption, font, missing)
+    _tile(sheet, draw, layout, 0, query.source, QUERY_COLOUR, caption, font, missing, dicom)
     for hit in result.hits:
         if query_labels is None:
             colour = UNKNOWN_COLOUR
@@ -104,7 +105,7 @@ def contact_sheet(result: SearchResult, path: str | Path, columns: int | None = 
             colour = MISMATCH_COLOUR
         caption = [f"#{hit.rank} {hit.image.image_id}",
                    f"{', '.join(hit.image.labels) or '-'}  {hit.score:.3f}"]
-        _tile(sheet, draw, layout, hit.rank, hit.image.source, colour, caption, font, missing)
+        _tile(sheet, draw, layout, hit.rank, hit.image.source, colour, caption, font, missing, dicom)
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -115,7 +116,7 @@ def contact_sheet(result: SearchResult, path: str | Path, columns: int | None = 
 
 
 def _tile(sheet, draw, layout: SheetLayout, position: int, source: str, colour, caption: list[str],
-          font, missing: list[str]) -> None:
+          font, missing: list[str], dicom=None) -> None:
     from PIL import ImageOps
 
     from .sources import open_source
@@ -127,7 +128,7 @@ def _tile(sheet, draw, layout: SheetLayout, position: int, source: str, colour, 
     text_top = top + b + layout.tile
     draw.rectangle((left + b, text_top, right - b - 1, bottom - b - 1), fill=BACKGROUND)
     try:
-        image = open_source(source)
+        image = open_source(source, dicom)
         image = ImageOps.contain(image.convert("RGB"), (layout.tile, layout.tile))
     except (OSError, SyntaxError, ValueError, SearchError) as exc:
         missing.append(source)

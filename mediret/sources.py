@@ -1,4 +1,4 @@
-"""A stored image's ``source`` -> PIL image: image files and MedMNIST ``file.npz#split/index``."""
+"""A stored image's ``source`` -> PIL image: image files, DICOM files and MedMNIST ``file.npz#split/index``."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import functools
 import io
 import struct
 from pathlib import Path
-from typing import NamedTuple
-
-import numpy as np
+from typing import TYPE_CHECKING, NamedTuple
 
 from .errors import SearchError
+
+if TYPE_CHECKING:
+    from .dicom import DicomOptions
 
 
 def split_source(source: str) -> tuple[Path, str | None, int | None]:
@@ -29,18 +30,26 @@ def source_exists(source: str) -> bool:
     return split_source(source)[0].is_file()
 
 
-def open_source(source: str):
+def open_source(source: str, dicom: DicomOptions | None = None):
     """The image behind ``source`` as a PIL image, not converted.
 
+    dicom: how DICOM files are read (``mediret.dicom.DicomOptions``: window,
+        frame); pass the options the store recorded at ingest
+        (``DicomOptions.from_info(store.get_info)``) so that a query reads as
+        the stored images were read. Default: the file's own window, the middle frame.
+
     Raises FileNotFoundError when the file is gone, SearchError when a
-    ``.npz`` lacks the split or index named.
+    ``.npz`` lacks the split or index named, DicomError (an OSError) when a
+    DICOM file's pixels cannot be read.
     """
     from PIL import Image
 
     path, split, index = split_source(source)
     if split is None:
-        if path.suffix.lower() == ".dcm":
-            return dicom_image(path.read_bytes())
+        with open(path, "rb") as f:
+            head = f.read(132)
+        if _is_dicom(head, source):
+            return decode_image(path.read_bytes(), source, dicom)
         return Image.open(path)
     images = _npz_images(str(path), split)
     if not 0 <= index < len(images):
@@ -60,13 +69,22 @@ def _npz_images(path: str, split: str):
         return arrays[key]
 
 
-def decode_image(data: bytes, source: str):
-    """An image file's bytes as a PIL image, lazily decoded (DICOM decoded at once)."""
+def decode_image(data: bytes, source: str, dicom: DicomOptions | None = None):
+    """An image file's bytes as a PIL image, lazily decoded (DICOM decoded at once, with ``dicom``'s
+    options: see ``open_source``)."""
     from PIL import Image
 
-    if source.lower().endswith(".dcm"):
-        return dicom_image(data)
+    if _is_dicom(data, source):
+        from .dicom import dicom_image
+
+        return dicom_image(data, dicom)
     return Image.open(io.BytesIO(data))
+
+
+def _is_dicom(head: bytes, source: str) -> bool:
+    """DICOM by name (``.dcm``) or by content (the Part-10 ``DICM`` marker; hospital files often
+    have no extension)."""
+    return source.lower().endswith(".dcm") or head[128:132] == b"DICM"
 
 
 class JpegFrame(NamedTuple):
@@ -102,30 +120,3 @@ def jpeg_frame(data: bytes) -> JpegFrame | None:
             return None
         at += 2 + struct.unpack_from(">H", data, at + 2)[0]
     return None
-
-
-def dicom_image(data: bytes):
-    """A DICOM file's pixels as an 8-bit grayscale PIL image (min-max scaled, MONOCHROME1 inverted).
-
-    CBIS-DDSM distributes its mammograms as DICOM; most users convert them, but
-    reading them directly saves a step.
-    """
-    from PIL import Image
-
-    try:
-        import pydicom
-        from pydicom.errors import InvalidDicomError
-    except ImportError as exc:  # pragma: no cover - pydicom is a dependency
-        raise OSError("reading DICOM needs pydicom (pip install pydicom)") from exc
-    try:
-        dataset = pydicom.dcmread(io.BytesIO(data))
-        pixels = dataset.pixel_array.astype(np.float32)
-    except (InvalidDicomError, AttributeError, KeyError) as exc:
-        raise OSError(f"not a readable DICOM image: {exc}") from exc
-    if pixels.ndim == 3 and pixels.shape[-1] not in (3, 4):
-        pixels = pixels[0]  # multi-frame: first frame
-    low, high = float(pixels.min()), float(pixels.max())
-    scaled = (pixels - low) / (high - low) * 255 if high > low else np.zeros_like(pixels)
-    if getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1":
-        scaled = 255 - scaled
-    return Image.fromarray(scaled.round().astype(np.uint8))

@@ -69,7 +69,7 @@ def by_id(scan) -> dict:
 
 def test_formats_are_registered_in_detection_order():
     assert list(FORMATS) == [
-        "ham10000", "odir", "pad-ufes-20", "medmnist", "cbis-ddsm", "chexpert", "folder", "csv",
+        "ham10000", "odir", "pad-ufes-20", "medmnist", "cbis-ddsm", "chexpert", "dicom", "folder", "csv",
     ]
     assert all(entry.name == name for name, entry in FORMATS.items())
 
@@ -89,7 +89,7 @@ def test_unknown_layout_lists_what_was_looked_for(tmp_path):
 def test_missing_path_and_unknown_format_name_fail_clearly(tmp_path):
     with pytest.raises(DatasetFormatError, match="does not exist"):
         read_dataset(tmp_path / "nowhere")
-    with pytest.raises(DatasetFormatError, match="valid formats: cbis-ddsm, chexpert, csv, folder"):
+    with pytest.raises(DatasetFormatError, match="valid formats: cbis-ddsm, chexpert, csv, dicom, folder"):
         read_dataset(tmp_path, format="isic")
 
 

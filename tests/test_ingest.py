@@ -376,7 +376,7 @@ def test_cli_streams_sets_the_batches_run_at_once(tmp_path, monkeypatch, ham_sub
 
 def test_dicom_source_is_decoded(tmp_path):
     """A DICOM mammogram (here a real HAM image's grey levels in 16 bits) reads as an image."""
-    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("pydicom")
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 

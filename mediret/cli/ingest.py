@@ -10,6 +10,20 @@ import click
 from .common import (DEFAULT_ENCODER, cli, output_format_option, print_json, store_option,
                      user_errors)
 
+
+def _window(ctx, param, value):
+    """--window: a preset, file, minmax or CENTRE,WIDTH, as a usage error when it is none of them."""
+    if value is None:
+        return None
+    from ..dicom import parse_window
+    from ..errors import MediretError
+
+    try:
+        return parse_window(value)
+    except MediretError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @cli.command()
 @click.argument("dataset", type=click.Path(exists=True, path_type=Path))
 @store_option
@@ -23,7 +37,28 @@ from .common import (DEFAULT_ENCODER, cli, output_format_option, print_json, sto
                    "efficientnet-lite). Default: the encoder's own.")
 @click.option("--format", "dataset_format", default=None,
               help="Dataset layout; detected from the files when omitted "
-                   "(ham10000, odir, pad-ufes-20, medmnist, cbis-ddsm, chexpert, folder, csv).")
+                   "(ham10000, odir, pad-ufes-20, medmnist, cbis-ddsm, chexpert, dicom, folder, csv).")
+@click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="CSV of labels joined onto the images by --on (replacing the "
+                                 "dataset's own); column --label-column, several labels as a|b.")
+@click.option("--on", "join_on", default=None,
+              help="Key --labels is joined on: image_id, path, group, PatientID (DICOM's group), "
+                   "SOPInstanceUID, StudyInstanceUID or any meta field; the CSV column of that "
+                   "name. Default: image_id.")
+@click.option("--label-column", default="label", show_default=True, help="Label column of --labels.")
+@click.option("--window", default=None, callback=_window,
+              help="DICOM grey images: CENTRE,WIDTH in modality units (e.g. -600,1500), a CT "
+                   "preset (bone, brain, lung, mediastinum, soft-tissue), 'minmax', or 'file' "
+                   "(default: the file's VOI LUT or first window, else min..max). Recorded in the "
+                   "store, for queries to be read the same way.")
+@click.option("--frame", default=None, type=click.IntRange(1),
+              help="Frame of multi-frame DICOM files, counted from 1 (default: the middle one). "
+                   "Recorded in the store.")
+@click.option("--group-tag", default=None,
+              help="DICOM tag whose value is an image's group (default PatientID), e.g. StudyInstanceUID.")
+@click.option("--keep-tag", "keep_tags", multiple=True,
+              help="DICOM tag to copy into the store beside the kept ones (repeatable), e.g. "
+                   "PatientName: identifying tags are never copied otherwise.")
 @click.option("--batch-size", "-b", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(0),
               help="Decoding threads running beside the encoder (0: decode inline).")
@@ -49,14 +84,15 @@ from .common import (DEFAULT_ENCODER, cli, output_format_option, print_json, sto
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @functools.partial(output_format_option, flag="--output")
 @user_errors
-def ingest(dataset, store_path, encoder, weights, preprocess, dataset_format, batch_size, workers,
-           threads, streams, seed, test_fraction, commit_every, limit, device, precision, quiet,
-           output_format):
+def ingest(dataset, store_path, encoder, weights, preprocess, dataset_format, labels_csv, join_on,
+           label_column, window, frame, group_tag, keep_tags, batch_size, workers, threads, streams,
+           seed, test_fraction, commit_every, limit, device, precision, quiet, output_format):
     """Embed a dataset folder (or .npz / .csv file) into a store.
 
     The layout is detected from the files: HAM10000, ODIR-5K, PAD-UFES-20,
-    CBIS-DDSM, CheXpert, MedMNIST .npz, a folder per class, or a CSV of
-    path,label[,group]. Re-running skips what is stored, so an interrupted
+    CBIS-DDSM, CheXpert, MedMNIST .npz, a folder of DICOM files or a DICOMDIR,
+    a folder per class, or a CSV of path,label[,group]. --labels joins labels
+    from a CSV onto any of them. Re-running skips what is stored, so an interrupted
     ingest resumes where it stopped. Unreadable images and unmatched label rows
     are reported with their paths at the end and kept in the store's
     `problems` table.
@@ -64,15 +100,28 @@ def ingest(dataset, store_path, encoder, weights, preprocess, dataset_format, ba
     \b
     Example:
       mediret ingest ../shared/data/odir --encoder efficientnet-lite0 --store indexes/odir
+      mediret ingest /data/export --labels findings.csv --on StudyInstanceUID --store indexes/ct
     """
-    from ..datasets import read_dataset
+    from ..datasets import FORMATS, detect_format, read_dataset
+    from ..datasets.labels import join_labels
+    from ..dicom import DicomOptions
     from ..encoders import load_encoder
     from ..ingest import ingest as run_ingest
 
+    if join_on is not None and labels_csv is None:
+        raise click.UsageError("--on names the key of --labels; give --labels FILE too")
     if threads:
         import torch
         torch.set_num_threads(threads)
-    scan = read_dataset(dataset, dataset_format)
+    dicom = DicomOptions(window=window or "file", frame=frame)
+    dataset_format = dataset_format or detect_format(dataset)
+    options = {"group_tag": group_tag, "keep_tags": tuple(keep_tags) or None}
+    options = {name: value for name, value in options.items() if value is not None}
+    if "dicom" in getattr(FORMATS.get(dataset_format), "options", ()):
+        options["dicom"] = dicom
+    scan = read_dataset(dataset, dataset_format, **options)
+    if labels_csv is not None:
+        scan = join_labels(scan, labels_csv, join_on or "image_id", label_column)
     model = load_encoder(encoder, weights=weights, preprocess=preprocess, device=device, precision=precision,
                          tune_allocator=True)
     if streams is not None:
@@ -87,7 +136,7 @@ def ingest(dataset, store_path, encoder, weights, preprocess, dataset_format, ba
                    f"{model.spec.name} ({model.weights_source}), store {store_path}", err=True)
     report = run_ingest(scan, store_path, model, batch_size=batch_size, workers=workers, seed=seed,
                         test_fraction=test_fraction, commit_every=commit_every,
-                        progress=not quiet, limit=limit)
+                        progress=not quiet, limit=limit, dicom=dicom)
     if output_format == "json":
         print_json(report.to_dict())
     else:

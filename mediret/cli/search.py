@@ -134,13 +134,15 @@ def search(images, store_path, image_ids, k, labels, split, split_scheme, fields
             queries = [(n, query_from_id(store, image_id)) for n, image_id in enumerate(image_ids, 1)]
         else:
             queries, failed = _file_queries(store, images, weights, group_of, device)
+        dicom = store.dicom_options()
         results = [(n, run_search(store, query, k=k, filters=filters, exclude_group=exclude_group,
                                   index=index)) for n, query in queries]
     for n, result in results:
         for note in result.notes:
             click.echo(f"note: {note}", err=True)
         if sheet is not None:
-            _draw_sheet(result, sheet if given == 1 else sheet.with_name(f"{sheet.stem}-{n}{sheet.suffix}"))
+            _draw_sheet(result, sheet if given == 1 else sheet.with_name(f"{sheet.stem}-{n}{sheet.suffix}"),
+                        dicom)
     if output_format == "json":
         print_json(results[0][1].to_dict() if given == 1 else [result.to_dict() for _, result in results])
     else:
@@ -188,10 +190,10 @@ def _file_queries(store, images: tuple[str, ...], weights, group_of, device) -> 
     return queries, failed
 
 
-def _draw_sheet(result, path: Path) -> None:
+def _draw_sheet(result, path: Path, dicom) -> None:
     from ..sheet import contact_sheet
 
-    drawn = contact_sheet(result, path)
+    drawn = contact_sheet(result, path, dicom=dicom)
     click.echo(f"contact sheet: {drawn.path} ({drawn.layout.n_tiles} tiles; frames: blue "
                "query, green same label, red other label, grey query label unknown)"
                + (f"; {len(drawn.missing)} images not found, drawn as placeholders"

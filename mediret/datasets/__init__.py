@@ -1,8 +1,9 @@
 """Dataset readers: a dataset folder or file -> ImageRecords plus the problems found on the way.
 
-Readers only read label files and list image files; images are opened later
-by ingest. ``FORMATS`` lists them in detection order: the named datasets
-first, then the generic folder-per-class and path,label CSV layouts.
+Readers only read label files and list image files (the DICOM reader reads
+each file's tags, not its pixels); images are opened later by ingest.
+``FORMATS`` lists them in detection order: the named datasets first, then a
+folder of DICOM files, then the generic folder-per-class and path,label CSV layouts.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mediret.datasets import cbis_ddsm, chexpert, generic, ham10000, medmnist, odir, pad_ufes
+from mediret.datasets import cbis_ddsm, chexpert, dicom, generic, ham10000, medmnist, odir, pad_ufes
 from mediret.datasets.common import DatasetFormat
 from mediret.errors import DatasetFormatError
 from mediret.records import DatasetScan
@@ -34,6 +35,7 @@ FORMATS: dict[str, DatasetFormat] = _registry(
     medmnist.FORMAT,
     cbis_ddsm.FORMAT,
     chexpert.FORMAT,
+    dicom.FORMAT,
     generic.FOLDER_FORMAT,
     generic.CSV_FORMAT,
 )
@@ -55,10 +57,13 @@ def detect_format(path: str | Path) -> str:
     )
 
 
-def read_dataset(path: str | Path, format: str | None = None) -> DatasetScan:
+def read_dataset(path: str | Path, format: str | None = None, **options) -> DatasetScan:
     """Read the dataset at path (a folder, or a .npz/.csv/.xlsx file for formats that take one).
 
     format: a name from FORMATS, overriding detection.
+    options: the format's own reading options (``DatasetFormat.options``, e.g.
+        ``group_tag`` and ``keep_tags`` for dicom); an option the format does
+        not take raises DatasetFormatError.
     """
     path = _existing(path)
     if format is None:
@@ -67,7 +72,14 @@ def read_dataset(path: str | Path, format: str | None = None) -> DatasetScan:
         raise DatasetFormatError(
             f"unknown dataset format {format!r}; valid formats: {', '.join(sorted(FORMATS))}"
         )
-    return FORMATS[format].read(path)
+    entry = FORMATS[format]
+    foreign = sorted(set(options) - entry.options)
+    if foreign:
+        takers = sorted(f.name for f in FORMATS.values() if set(foreign) & f.options)
+        raise DatasetFormatError(
+            f"{', '.join(foreign)} apply to {' / '.join(takers) or 'no'} datasets, and {path} "
+            f"is read as {format}")
+    return entry.read(path, **options)
 
 
 def _existing(path: str | Path) -> Path:

@@ -22,12 +22,15 @@ class DatasetFormat:
     looks_for: the marker files or layout in a person's words; listed when no
         format recognises a folder.
     detect: cheap check on file names and CSV headers; never reads images.
+    options: the keyword options ``read`` takes beside the path (e.g. the DICOM
+        reader's ``group_tag``); ``read_dataset`` refuses others.
     """
 
     name: str
     looks_for: str
     detect: Callable[[Path], bool]
-    read: Callable[[Path], DatasetScan]
+    read: Callable[..., DatasetScan]
+    options: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -388,6 +388,12 @@ class Store:
         row = self.sql("SELECT value FROM store_info WHERE key = ?", [key])
         return row[0][0] if row else None
 
+    def dicom_options(self):
+        """How this store's DICOM files were read at ingest (window, frame): queries read theirs the same."""
+        from ..dicom import DicomOptions
+
+        return DicomOptions.from_info(self.get_info)
+
     def vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """The stored vectors of ``ids``, reconstructed from the FAISS index."""
         return self._vectors.get(np.asarray(ids, dtype=np.int64))
