@@ -286,3 +286,30 @@ def test_stores_of_one_file_share_it_and_release_it(tmp_path):
     with pytest.raises(StoreError, match="lacks its index file"):
         Store.open(path, read_only=False)
     assert _writable_elsewhere(path)
+
+
+def test_a_snapshot_holds_no_lock_and_sees_writes_once_reopened(tmp_path, ham_rows):
+    """A server's view: another process writes the store while a snapshot is open; the snapshot
+    keeps what it saw, and a new snapshot sees the writer's committed rows and vectors."""
+    vectors = unit_vectors(len(ham_rows))
+    filled_store(tmp_path / "s", ham_rows[:200], vectors[:200]).close()
+    snapshot = Store.open(tmp_path / "s", snapshot=True)
+    assert _writable_elsewhere(tmp_path / "s")  # no lock held
+    writer = (
+        "import sys, numpy as np\n"
+        "from mediret.records import ImageRecord\n"
+        "from mediret.store import Store\n"
+        "with Store.open(sys.argv[1], read_only=False) as store:\n"
+        "    x = np.eye(16, dtype=np.float32)[:5]\n"
+        "    store.add([ImageRecord(f'new{i}', f'new{i}.jpg', ('nv',)) for i in range(5)], x)\n"
+        "    store.commit()\n"
+    )
+    subprocess.run([sys.executable, "-c", writer, str(tmp_path / "s")], check=True)
+    assert len(snapshot) == snapshot.index.ntotal == 200
+    with pytest.raises(StoreError, match="read-only"):
+        snapshot.add(records_of(ham_rows[300:301]), vectors[300:301])
+    snapshot.close()
+    with Store.open(tmp_path / "s", snapshot=True) as again:
+        assert len(again) == again.index.ntotal == 205
+        np.testing.assert_array_equal(again.vectors([again.id_of("new3")]), np.eye(16, dtype=np.float32)[3:4])
+        np.testing.assert_array_equal(again.vectors(again.ids()[:200]), vectors[:200])

@@ -41,12 +41,17 @@ class _Attachment:
     users: int = 0
 
 
-def connect(db_file: Path, read_only: bool) -> tuple[Any, str]:
+def connect(db_file: Path, read_only: bool, snapshot: bool = False) -> tuple[Any, str]:
     """A DuckDB connection whose default database is ``db_file``, and the key to release it with.
 
     A cursor of the process's one instance, the file attached to it under an
     alias; stores of the same file share the attachment, in the same mode (as
     DuckDB's own connections to one file must).
+
+    snapshot: instead, an in-memory copy of the file's database, made while it was
+    attached read-only for a moment: the file is not held (DuckDB lets one process
+    write a file, or any number read it, not both), so another process may write it
+    meanwhile. Each snapshot is its own copy.
     """
     import duckdb
 
@@ -55,6 +60,8 @@ def connect(db_file: Path, read_only: bool) -> tuple[Any, str]:
     with _attach_lock:
         if _instance is None:
             _instance = duckdb.connect(":memory:", config=DB_CONFIG)
+        if snapshot:
+            return _snapshot(key)
         attachment = _attached.get(key)
         if attachment is None:
             alias = f"store_{next(_aliases)}"
@@ -68,6 +75,21 @@ def connect(db_file: Path, read_only: bool) -> tuple[Any, str]:
         con.execute(f"USE {attachment.alias}")
         attachment.users += 1  # counted once the connection exists: disconnect releases exactly these
     return con, key
+
+
+def _snapshot(key: str) -> tuple[Any, str]:
+    alias, source = f"snapshot_{next(_aliases)}", f"source_{next(_aliases)}"
+    quoted = "'" + key.replace("'", "''") + "'"
+    _instance.execute(f"ATTACH {quoted} AS {source} (READ_ONLY)")
+    try:
+        _instance.execute(f"ATTACH ':memory:' AS {alias}")
+        _instance.execute(f"COPY FROM DATABASE {source} TO {alias}")
+    finally:
+        _instance.execute(f"DETACH {source}")
+    _attached[alias] = _Attachment(alias, read_only=True, users=1)
+    con = _instance.cursor()
+    con.execute(f"USE {alias}")
+    return con, alias
 
 
 def disconnect(con, key: str) -> None:

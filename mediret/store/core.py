@@ -164,8 +164,15 @@ class Store:
             raise
 
     @classmethod
-    def open(cls, path: str | Path, read_only: bool = True) -> "Store":
-        """Open a store, repairing vectors a crash left without rows, and check it is consistent."""
+    def open(cls, path: str | Path, read_only: bool = True, snapshot: bool = False) -> "Store":
+        """Open a store, repairing vectors a crash left without rows, and check it is consistent.
+
+        snapshot: a read-only copy in memory of the store as it is now, which holds no file
+            open (a server's view, while an ingest may write the store; reopen to see more).
+            The vectors' file is read once; rows committed after it was read are left out.
+        """
+        if snapshot:
+            read_only = True
         import duckdb
 
         path = Path(path)
@@ -174,7 +181,7 @@ class Store:
                 f"no store at {path} (looked for {path / DB_FILE}); "
                 "create one with `mediret ingest DATASET --store PATH`")
         try:
-            connection = _duckdb.connect(path / DB_FILE, read_only=read_only)
+            connection = _duckdb.connect(path / DB_FILE, read_only=read_only, snapshot=snapshot)
         except duckdb.Error as exc:
             raise StoreError(f"cannot open {path / DB_FILE}: {exc}") from exc
         try:
